@@ -8,4 +8,5 @@
 
 pub mod device;
 pub mod pool;
+pub mod tools;
 pub mod units;

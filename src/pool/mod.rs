@@ -11,3 +11,5 @@ pub mod superblock;
 pub mod volumes;
 
 pub use error::PoolError;
+mod info;
+pub use info::{Committed, Discarded, Mapping, PoolStatus, Usage, VolumeInfo};
