@@ -6,6 +6,7 @@
 //! layers; each is one module here.
 #![deny(missing_docs)]
 
+pub mod cli;
 pub mod device;
 pub mod pool;
 pub mod tools;

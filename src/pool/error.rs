@@ -107,6 +107,9 @@ pub enum PoolError {
     /// A crash injected by a test (fault-injecting I/O or a stopped volumes.json write).
     #[error("injected crash: {0}")]
     InjectedCrash(String),
+    /// Any other failure of the metadata layer (I/O, an aborted transaction, ...).
+    #[error("metadata: {0}")]
+    Metadata(uthin_btree::Error),
     /// The pool cannot be changed (opened read-only, or a previous commit failed).
     #[error("the pool is read-only: {0}")]
     ReadOnlyPool(String),
@@ -134,6 +137,28 @@ impl PoolError {
             PoolError::OutOfRange { .. } | PoolError::InvalidArgument(_) => libc::EINVAL,
             PoolError::Locked { .. } => libc::EBUSY,
             _ => libc::EIO,
+        }
+    }
+}
+
+impl From<uthin_btree::Error> for PoolError {
+    fn from(e: uthin_btree::Error) -> Self {
+        use uthin_btree::Error as E;
+        match e {
+            E::MetadataSpaceExhausted { .. } => PoolError::NoMetadataSpace,
+            E::DataSpaceExhausted { nr_blocks } => PoolError::NoDataSpace { total: nr_blocks },
+            ref c if c.is_corruption() => PoolError::Corrupt {
+                block: c.block().map_or(u64::MAX, |b| b.0),
+                what: c.to_string(),
+            },
+            E::Io { ref source, .. } => {
+                let errno = source.raw_os_error().unwrap_or(libc::EIO);
+                PoolError::Io {
+                    context: e.to_string(),
+                    source: std::io::Error::from_raw_os_error(errno),
+                }
+            }
+            other => PoolError::Metadata(other),
         }
     }
 }
