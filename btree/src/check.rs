@@ -73,6 +73,15 @@ pub struct Discrepancy {
     pub what: &'static str,
 }
 
+impl Discrepancy {
+    /// True for the summary figures (allocated total, a bitmap's free count and first free
+    /// entry) that the kernel only uses as search hints and thin_check does not verify; uthin
+    /// writes them exact, other tools (thin_restore) not always.
+    pub fn is_hint(&self) -> bool {
+        self.what != "reference count"
+    }
+}
+
 impl fmt::Display for Discrepancy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.block {

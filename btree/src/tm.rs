@@ -552,7 +552,9 @@ impl TransactionManager {
     /// map (`None` if there is none up to the end; wrap around yourself). Make it yours with
     /// [`TransactionManager::data_inc`], which also takes a block from 0 to 1.
     pub fn data_find_free_from(&self, from: DiskBlock) -> Result<Option<DiskBlock>> {
-        Ok(self.sm_find_free_in(SmId::Data, from.0, u64::MAX)?.map(DiskBlock))
+        Ok(self
+            .sm_find_free_in(SmId::Data, from.0, u64::MAX)?
+            .map(DiskBlock))
     }
 
     /// Allocates a data block free in both the committed and the current map (count 1).

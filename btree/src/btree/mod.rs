@@ -941,11 +941,7 @@ impl<'a, V: ValueType> Iter<'a, V> {
             let Some((data, _, idx)) = self.stack.last_mut() else {
                 return Err(Error::Internal("iterator stack empty".into()));
             };
-            let n = Node {
-                nr: b,
-                data,
-                h,
-            };
+            let n = Node { nr: b, data, h };
             if h.leaf {
                 if let Some(k) = key {
                     *idx = match n.search(k) {

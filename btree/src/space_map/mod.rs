@@ -228,6 +228,26 @@ impl SpaceMap {
     }
 }
 
+/// Free entries among the first `valid` of a bitmap, and the index of the first one (`valid`
+/// if none).
+pub(crate) fn count_free(bm: &crate::Block, valid: u64) -> (u32, u32) {
+    let mut free = 0u32;
+    let mut first = None;
+    let words = valid.div_ceil(32) as usize;
+    for w in 0..words {
+        let mut mask = free_entries_mask(bitmap_word(bm, w));
+        let end = valid - (w as u64) * 32;
+        if end < 32 {
+            mask &= (1u64 << (end * 2)) - 1;
+        }
+        if mask != 0 && first.is_none() {
+            first = Some((w as u64) * 32 + mask.trailing_zeros() as u64 / 2);
+        }
+        free += mask.count_ones();
+    }
+    (free, first.unwrap_or(valid) as u32)
+}
+
 /// Number of blocks of group `g` inside a map of `nr_blocks` blocks.
 pub(crate) fn valid_entries(g: u64, nr_blocks: u64) -> u32 {
     let base = g * ENTRIES_PER_BITMAP;
@@ -592,23 +612,15 @@ impl TransactionManager {
                     continue;
                 }
                 bitmap_set(&mut bm, i, new.min(3));
-                if old_bits == 0 && new > 0 {
-                    ie.nr_free = ie.nr_free.checked_sub(1).ok_or_else(|| {
-                        Error::malformed(
-                            loc,
-                            BlockKind::Bitmap,
-                            "more entries in use than the index entry allows",
-                        )
-                    })?;
-                    if ie.none_free_before as u64 == i {
-                        ie.none_free_before = i as u32 + 1;
-                    }
-                } else if old_bits > 0 && new == 0 {
-                    ie.nr_free += 1;
-                    ie.none_free_before = ie.none_free_before.min(i as u32);
-                }
                 written.push(b);
             }
+            // Recount the hints from the bitmap itself rather than adjusting them: metadata
+            // written by other tools is not always exact here (thin_restore's is not), and an
+            // exact count costs one pass over 510 words of a block already in hand.
+            let valid = valid_entries(g, self.sm(id)?.nr_blocks) as u64;
+            let (free, first) = count_free(&bm, valid);
+            ie.nr_free = free;
+            ie.none_free_before = first;
         }
         let sm = self.sm_mut(id)?;
         for b in written {
