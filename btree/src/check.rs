@@ -227,20 +227,33 @@ impl TransactionManager {
         let sm = self.sm(id)?;
         let mut out = Vec::new();
         let mut allocated = 0u64;
-        for b in 0..sm.nr_blocks {
-            let actual = self.sm_get(id, b)?;
-            let want = expected(b);
-            if actual != 0 {
-                allocated += 1;
-            }
-            if actual != want {
-                out.push(Discrepancy {
-                    space: id.space(),
-                    block: Some(b),
-                    expected: want as u64,
-                    actual: actual as u64,
-                    what: "reference count",
-                });
+        for g in 0..sm.nr_blocks.div_ceil(ENTRIES_PER_BITMAP) {
+            // One index lookup and one bitmap read per 16320 blocks.
+            let ie = self.current_ie(id, g)?;
+            let bm = self.read(MetaBlock(ie.blocknr), &BITMAP_VALIDATOR)?;
+            let base = g * ENTRIES_PER_BITMAP;
+            for i in 0..valid_entries(g, sm.nr_blocks) as u64 {
+                let b = base + i;
+                let actual = match sm.overlay.get(&b) {
+                    Some(&c) => c,
+                    None => match bitmap_get(&bm, i) {
+                        3 => self.sm_get(id, b)?,
+                        v => v,
+                    },
+                };
+                let want = expected(b);
+                if actual != 0 {
+                    allocated += 1;
+                }
+                if actual != want {
+                    out.push(Discrepancy {
+                        space: id.space(),
+                        block: Some(b),
+                        expected: want as u64,
+                        actual: actual as u64,
+                        what: "reference count",
+                    });
+                }
             }
         }
         if allocated != sm.nr_allocated {
