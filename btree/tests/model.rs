@@ -21,13 +21,33 @@ const MAX_TREES: usize = 6;
 #[derive(Debug, Clone)]
 enum Op {
     /// Insert `len` keys from `start` (step `step`) into tree `t`, each mapped to a new data block.
-    Insert { t: usize, start: u64, len: u64, step: u64 },
+    Insert {
+        t: usize,
+        start: u64,
+        len: u64,
+        step: u64,
+    },
     /// Overwrite existing keys from `start` with new data blocks.
-    Overwrite { t: usize, start: u64, len: u64 },
-    Remove { t: usize, key: u64 },
-    RemoveRange { t: usize, start: u64, len: u64 },
-    Clone { t: usize },
-    Delete { t: usize },
+    Overwrite {
+        t: usize,
+        start: u64,
+        len: u64,
+    },
+    Remove {
+        t: usize,
+        key: u64,
+    },
+    RemoveRange {
+        t: usize,
+        start: u64,
+        len: u64,
+    },
+    Clone {
+        t: usize,
+    },
+    Delete {
+        t: usize,
+    },
     Commit,
     Reopen,
 }
@@ -62,21 +82,34 @@ struct World {
 impl World {
     fn new() -> Self {
         let io = Arc::new(MemIo::new(3000));
-        let mut tm = TransactionManager::format(io.clone(), &TmConfig { cache_blocks: 256 }).unwrap();
+        let mut tm =
+            TransactionManager::format(io.clone(), &TmConfig { cache_blocks: 256 }).unwrap();
         tm.create_data_sm(40_000).unwrap();
         let mut top = BTree::<Top>::create(&mut tm).unwrap();
         let r = BTree::<Leaf>::create(&mut tm).unwrap().root();
         top.insert(&mut tm, 0, &r).unwrap();
         let mut model = Model::new();
         model.insert(0, BTreeMap::new());
-        let mut w = World { io, tm, top, model, committed: (Model::new(), 0), next_id: 1, trans: 0 };
+        let mut w = World {
+            io,
+            tm,
+            top,
+            model,
+            committed: (Model::new(), 0),
+            next_id: 1,
+            trans: 0,
+        };
         w.commit();
         w
     }
 
     fn commit(&mut self) {
         self.trans += 1;
-        let sb = TestSuper { trans_id: self.trans, mapping_root: self.top.root().0, ..Default::default() };
+        let sb = TestSuper {
+            trans_id: self.trans,
+            mapping_root: self.top.root().0,
+            ..Default::default()
+        };
         commit(&mut self.tm, &sb).unwrap();
         self.committed = (self.model.clone(), self.top.root().0);
     }
@@ -86,7 +119,11 @@ impl World {
         ids[t % ids.len()]
     }
 
-    fn with_subtree<R>(&mut self, id: u64, f: impl FnOnce(&mut TransactionManager, &mut BTree<Leaf>) -> Result<R>) -> R {
+    fn with_subtree<R>(
+        &mut self,
+        id: u64,
+        f: impl FnOnce(&mut TransactionManager, &mut BTree<Leaf>) -> Result<R>,
+    ) -> R {
         self.top
             .update_value(&mut self.tm, id, |tm, root| {
                 let mut t = BTree::<Leaf>::open(*root);
@@ -100,7 +137,12 @@ impl World {
 
     fn apply(&mut self, op: &Op) {
         match *op {
-            Op::Insert { t, start, len, step } => {
+            Op::Insert {
+                t,
+                start,
+                len,
+                step,
+            } => {
                 let id = self.id(t);
                 let keys: Vec<u64> = (0..len).map(|i| (start + i * step) % KEYS).collect();
                 let mut blocks = Vec::new();
@@ -108,7 +150,10 @@ impl World {
                     blocks.push(self.tm.data_alloc().unwrap().0);
                 }
                 let olds = self.with_subtree(id, |tm, tree| {
-                    keys.iter().zip(&blocks).map(|(k, b)| tree.insert(tm, *k, b)).collect::<Result<Vec<_>>>()
+                    keys.iter()
+                        .zip(&blocks)
+                        .map(|(k, b)| tree.insert(tm, *k, b))
+                        .collect::<Result<Vec<_>>>()
                 });
                 let m = self.model.get_mut(&id).unwrap();
                 for ((k, b), old) in keys.iter().zip(&blocks).zip(olds) {
@@ -117,7 +162,10 @@ impl World {
             }
             Op::Overwrite { t, start, len } => {
                 let id = self.id(t);
-                let keys: Vec<u64> = self.model[&id].range(start..start + len).map(|(k, _)| *k).collect();
+                let keys: Vec<u64> = self.model[&id]
+                    .range(start..start + len)
+                    .map(|(k, _)| *k)
+                    .collect();
                 let mut blocks = Vec::new();
                 for _ in &keys {
                     blocks.push(self.tm.data_alloc().unwrap().0);
@@ -141,9 +189,12 @@ impl World {
             Op::RemoveRange { t, start, len } => {
                 let id = self.id(t);
                 let mut seen = Vec::new();
-                let n = self.with_subtree(id, |tm, tree| tree.remove_range(tm, start..start + len, |k, v| seen.push((k, *v))));
+                let n = self.with_subtree(id, |tm, tree| {
+                    tree.remove_range(tm, start..start + len, |k, v| seen.push((k, *v)))
+                });
                 let m = self.model.get_mut(&id).unwrap();
-                let want: Vec<(u64, u64)> = m.range(start..start + len).map(|(k, v)| (*k, *v)).collect();
+                let want: Vec<(u64, u64)> =
+                    m.range(start..start + len).map(|(k, v)| (*k, *v)).collect();
                 assert_eq!(seen, want);
                 assert_eq!(n as usize, want.len());
                 m.retain(|k, _| !(start..start + len).contains(k));
@@ -157,7 +208,12 @@ impl World {
                 let clone = BTree::<Leaf>::open(root).clone_tree(&mut self.tm).unwrap();
                 let new_id = self.next_id;
                 self.next_id += 1;
-                assert_eq!(self.top.insert(&mut self.tm, new_id, &clone.root()).unwrap(), None);
+                assert_eq!(
+                    self.top
+                        .insert(&mut self.tm, new_id, &clone.root())
+                        .unwrap(),
+                    None
+                );
                 let m = self.model[&id].clone();
                 self.model.insert(new_id, m);
             }
@@ -176,7 +232,9 @@ impl World {
                 self.tm = tm;
                 self.top = BTree::open(MetaBlock(sb.mapping_root));
                 self.model = self.committed.0.clone();
-                self.next_id = self.next_id.max(self.model.keys().max().map_or(0, |k| k + 1));
+                self.next_id = self
+                    .next_id
+                    .max(self.model.keys().max().map_or(0, |k| k + 1));
             }
         }
     }
