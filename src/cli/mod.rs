@@ -270,7 +270,9 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         }
         Command::Delete { name } => {
             let mut pool = Pool::open(&dir)?;
-            pool.delete_volume(&name)?;
+            let c = pool.delete_volume(&name)?;
+            // Nothing else runs on this pool: give the freed space back to the host now.
+            pool.punch_freed(&c.freed)?;
             if json {
                 print_json(&json!({ "deleted": name }));
             } else {

@@ -106,6 +106,39 @@ pub fn ensure_size(path: &Path, size: u64) -> Result<File, PoolError> {
     Ok(file)
 }
 
+/// Punches holes over `blocks` (of `block_size` bytes) in a regular data file, so their space
+/// goes back to the host file system; runs of consecutive blocks take one call.
+pub fn punch_blocks(
+    file: &File,
+    blocks: &[crate::units::DataBlock],
+    block_size: u64,
+) -> std::io::Result<()> {
+    let mut sorted: Vec<u64> = blocks.iter().map(|b| b.0).collect();
+    sorted.sort_unstable();
+    let mut i = 0;
+    while i < sorted.len() {
+        let start = sorted[i];
+        let mut len = 1;
+        while i + len < sorted.len() && sorted[i + len] == start + len as u64 {
+            len += 1;
+        }
+        // SAFETY: fallocate on an fd we own; no memory is passed.
+        let rc = unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                (start * block_size) as libc::off_t,
+                (len as u64 * block_size) as libc::off_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        i += len;
+    }
+    Ok(())
+}
+
 /// fsyncs a directory, so a rename or a file creation in it is durable.
 pub fn sync_dir(dir: &Path) -> Result<(), PoolError> {
     let d = File::open(dir)

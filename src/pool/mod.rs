@@ -109,6 +109,9 @@ pub struct Pool {
     reconciled: Reconciled,
     /// Set when a commit failed: the on-disk state is unknown until the pool is reopened.
     failed: Option<String>,
+    /// Blocks freed by commits made inside other operations (create, snapshot, grow, ...),
+    /// not yet handed to the caller: the next [`Pool::commit`] returns them.
+    unreported_freed: Mutex<Vec<DataBlock>>,
 }
 
 fn check_name(name: &str) -> Result<()> {
@@ -206,6 +209,7 @@ impl Pool {
             alloc: Mutex::new(Allocator::default()),
             reconciled: Reconciled::Consistent,
             failed: None,
+            unreported_freed: Mutex::new(Vec::new()),
         })
     }
 
@@ -269,6 +273,7 @@ impl Pool {
             alloc: Mutex::new(Allocator::default()),
             reconciled,
             failed: None,
+            unreported_freed: Mutex::new(Vec::new()),
         })
     }
 
@@ -363,7 +368,7 @@ impl Pool {
         if self.meta.has_uncommitted_changes() {
             // Make the data path's changes durable first, so a rollback below only ever
             // undoes this operation.
-            self.commit()?;
+            self.commit_internal()?;
         }
         let next = self.meta.transaction_id() + 1;
         let mut pending = self.volumes.clone();
@@ -383,12 +388,22 @@ impl Pool {
         self.meta.set_transaction_id(next);
         // A failed commit may or may not have written the superblock: leave the pending record
         // for the next open to resolve from the metadata, and refuse further changes.
-        let committed = self.commit()?;
+        let committed = Committed {
+            freed: self.commit_raw()?,
+        };
         self.volumes.apply(&op);
         self.volumes.transaction_id = next;
         self.volumes.pending = None;
         self.store.write(&self.volumes)?;
         Ok(committed)
+    }
+
+    /// A commit made inside another operation: its freed blocks wait for the caller's next
+    /// [`Pool::commit`] (or [`Pool::take_unreported_freed`]).
+    fn commit_internal(&mut self) -> Result<()> {
+        let freed = self.commit_raw()?;
+        self.unreported_freed.lock().extend(freed);
+        Ok(())
     }
 
     fn check_usable(&self) -> Result<()> {
@@ -426,7 +441,8 @@ impl Pool {
             origin: None,
             created: volumes::rfc3339_now(),
         };
-        self.transact(PendingOp::Create(rec), |m| m.create_thin(dev))?;
+        let c = self.transact(PendingOp::Create(rec), |m| m.create_thin(dev))?;
+        self.unreported_freed.lock().extend(c.freed);
         self.volume(name)
     }
 
@@ -448,14 +464,16 @@ impl Pool {
             origin: Some(origin.to_string()),
             created: volumes::rfc3339_now(),
         };
-        self.transact(PendingOp::Create(rec), |m| {
+        let c = self.transact(PendingOp::Create(rec), |m| {
             m.create_snapshot(dev, DevId(orig.dev_id))
         })?;
+        self.unreported_freed.lock().extend(c.freed);
         self.volume(name)
     }
 
-    /// Deletes a volume. Data blocks whose count drops to 0 are freed (punched by the data
-    /// layer after the commit); snapshots and origins sharing them are untouched.
+    /// Deletes a volume. Data blocks whose count drops to 0 are freed; they are returned (with
+    /// any left over from earlier internal commits) for the caller to punch and then
+    /// [`Pool::release_freed`]. Snapshots and origins sharing them are untouched.
     pub fn delete_volume(&mut self, name: &str) -> Result<Committed> {
         let rec = self.record(name)?.clone();
         let dev = DevId(rec.dev_id);
@@ -464,12 +482,15 @@ impl Pool {
             name: name.to_string(),
             dev_id: rec.dev_id,
         };
-        self.transact(op, |m| if exists { m.delete_device(dev) } else { Ok(()) })
+        let mut c = self.transact(op, |m| if exists { m.delete_device(dev) } else { Ok(()) })?;
+        c.freed.append(&mut self.unreported_freed.lock());
+        Ok(c)
     }
 
     /// Renames a volume (volumes.json only; one atomic write). Snapshots naming it as their
     /// origin follow the new name.
     pub fn rename(&mut self, old: &str, new: &str) -> Result<()> {
+        self.check_usable()?;
         check_name(new)?;
         let mut rec = self.record(old)?.clone();
         if self.volumes.volumes.contains_key(new) {
@@ -492,6 +513,7 @@ impl Pool {
     /// Names a device that exists in the metadata but has no name (a pool made by
     /// thin_restore, LVM or Docker). volumes.json only; one atomic write.
     pub fn adopt(&mut self, dev: DevId, name: &str, size: u64) -> Result<VolumeInfo> {
+        self.check_usable()?;
         check_name(name)?;
         if size == 0 {
             return Err(PoolError::InvalidArgument(format!(
@@ -617,6 +639,7 @@ impl Pool {
     /// Grows the data space to `new_size` bytes (the data file is extended sparsely; a block
     /// device must already be that large). Committed before it returns.
     pub fn grow_data(&mut self, new_size: u64) -> Result<()> {
+        self.check_usable()?;
         let bs = self.data_block_size();
         let blocks = new_size / bs;
         let have = self.meta.data_nr_blocks();
@@ -638,13 +661,13 @@ impl Pool {
         }
         files::ensure_size(&self.paths.data(), blocks * bs)?;
         self.meta.grow_data(blocks)?;
-        self.commit()?;
-        Ok(())
+        self.commit_internal()
     }
 
     /// Grows the metadata to `new_size` bytes (at most dm's ~15.9 GiB). Committed before it
     /// returns.
     pub fn grow_metadata(&mut self, new_size: u64) -> Result<()> {
+        self.check_usable()?;
         size::check_metadata_size(new_size).map_err(PoolError::InvalidArgument)?;
         let blocks = new_size / superblock::METADATA_BLOCK_SIZE as u64;
         let have = self.meta.metadata_nr_blocks();
@@ -659,23 +682,26 @@ impl Pool {
             return Ok(());
         }
         self.meta.grow_metadata(blocks)?;
-        self.commit()?;
-        Ok(())
+        self.commit_internal()
     }
 
     /// Takes a metadata snapshot (dm's `reserve_metadata_snap`) so `thin_dump -m` can read a
     /// consistent copy of a live pool. Committed before it returns.
     pub fn reserve_metadata_snap(&mut self) -> Result<MetadataSnapshot> {
+        self.check_usable()?;
+        if self.meta.has_uncommitted_changes() {
+            self.commit_internal()?;
+        }
         let s = self.meta.reserve_metadata_snap()?;
-        self.commit()?;
+        self.commit_internal()?;
         Ok(s)
     }
 
     /// Releases the metadata snapshot. Committed before it returns.
     pub fn release_metadata_snap(&mut self) -> Result<()> {
+        self.check_usable()?;
         self.meta.release_metadata_snap()?;
-        self.commit()?;
-        Ok(())
+        self.commit_internal()
     }
 
     // ----- data path -----
@@ -733,6 +759,10 @@ impl Pool {
         r: Reservation,
     ) -> Result<Option<DataBlock>> {
         let block = r.block;
+        if let Err(e) = self.check_usable() {
+            self.release_reservation(r);
+            return Err(e);
+        }
         let result = self.meta.insert_mapping(dev, vblock, block);
         self.alloc.lock().reserved.remove(&block.0);
         result
@@ -772,24 +802,58 @@ impl Pool {
     /// Unmaps `[begin, end)` of `dev`. Returns how many blocks lost their mapping and which
     /// data blocks were freed (count reached 0).
     pub fn discard(&mut self, dev: DevId, begin: VirtBlock, end: VirtBlock) -> Result<Discarded> {
+        self.check_usable()?;
         self.meta.discard(dev, begin, end)
     }
 
     /// Commits the transaction: dm-thin's sequence, superblock written last. Returns the data
     /// blocks freed in it; they stay out of reach of [`Pool::reserve_data_block`] until
     /// [`Pool::release_freed`] says their holes are punched.
+    ///
+    /// The returned list also holds blocks freed by commits that other operations made
+    /// (create, snapshot, grow, metadata snapshots), so the caller sees every freed block once.
+    /// The pool never commits on its own: only this call and the operations above do.
     pub fn commit(&mut self) -> Result<Committed> {
+        let mut freed = self.commit_raw()?;
+        freed.append(&mut self.unreported_freed.lock());
+        Ok(Committed { freed })
+    }
+
+    /// Blocks freed by commits made inside other operations and not yet returned (the next
+    /// [`Pool::commit`] would return them).
+    pub fn take_unreported_freed(&self) -> Vec<DataBlock> {
+        std::mem::take(&mut *self.unreported_freed.lock())
+    }
+
+    fn commit_raw(&mut self) -> Result<Vec<DataBlock>> {
         self.check_usable()?;
         match self.meta.commit() {
             Ok(freed) => {
                 self.quarantine(&freed);
-                Ok(Committed { freed })
+                Ok(freed)
             }
             Err(e) => {
                 self.failed = Some(e.to_string());
                 Err(e)
             }
         }
+    }
+
+    /// For tools that own the pool offline (the CLI): punches holes in `blocks` of the data
+    /// file (a regular file; a block device is left alone) and releases them, as the data
+    /// layer does after a commit.
+    pub fn punch_freed(&self, blocks: &[DataBlock]) -> Result<()> {
+        if !blocks.is_empty() && !files::is_block_device(&self.paths.data()) {
+            let f = files::open_rw(&self.paths.data())?;
+            files::punch_blocks(&f, blocks, self.data_block_size()).map_err(|e| {
+                PoolError::io(
+                    format!("cannot punch holes in {}", self.paths.data().display()),
+                    e,
+                )
+            })?;
+        }
+        self.release_freed(blocks);
+        Ok(())
     }
 
     /// The data layer punched holes in these blocks (returned by a commit): they may be
