@@ -86,6 +86,24 @@ pub enum Command {
     },
     /// Check the metadata and volumes.json: every tree, every reference count.
     Check(CheckArgs),
+    /// Print the metadata as thin_dump's XML.
+    Dump {
+        /// Write to this file instead of stdout.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// Create a pool from thin_dump's XML (as thin_restore does); devices get no names.
+    Restore {
+        /// The XML file.
+        #[arg(short, long, value_name = "FILE")]
+        input: PathBuf,
+        /// Metadata size (default: thin_metadata_size's rule).
+        #[arg(long, value_parser = size_arg)]
+        metadata_size: Option<u64>,
+        /// Destroy an existing pool in the directory.
+        #[arg(long)]
+        force: bool,
+    },
     /// Serve volumes over NBD and vhost-user-blk.
     Serve {
         /// Anything; this build has no server.
@@ -332,6 +350,38 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             }
             if !report.is_clean() {
                 return Ok(ExitCode::from(EXIT_ERROR));
+            }
+        }
+        Command::Dump { output } => {
+            let pool = Pool::open(&dir)?;
+            let xml = crate::tools::dump::dump_xml(&pool)?;
+            match output {
+                Some(path) => std::fs::write(&path, xml).map_err(|e| {
+                    CliError::Other(format!("cannot write {}: {e}", path.display()))
+                })?,
+                None => print!("{xml}"),
+            }
+        }
+        Command::Restore {
+            input,
+            metadata_size,
+            force,
+        } => {
+            let text = std::fs::read_to_string(&input)
+                .map_err(|e| CliError::Other(format!("cannot read {}: {e}", input.display())))?;
+            let xml = crate::tools::xml::parse_xml(&text)
+                .map_err(|e| CliError::Other(format!("{}: {e}", input.display())))?;
+            let pool = crate::tools::restore::restore(&dir, &xml, metadata_size, force)?;
+            let st = pool.status()?;
+            if json {
+                print_json(&status_json(&dir, &st));
+            } else {
+                println!(
+                    "restored {} devices into {} (transaction {})",
+                    st.device_count,
+                    dir.display(),
+                    st.transaction_id
+                );
             }
         }
         Command::Serve { .. } => {

@@ -435,6 +435,62 @@ impl Metadata {
         Ok(Discarded { unmapped, freed })
     }
 
+    /// Restore: a device with the given details and an empty tree.
+    pub(crate) fn restore_device(&mut self, dev: DevId, d: DeviceDetails) -> Result<()> {
+        self.check_new_dev(dev)?;
+        self.changed = true;
+        let tree = BlockTree::create(&mut self.tm)?;
+        let mut top = self.top();
+        top.insert(&mut self.tm, u64::from(dev.0), &tree.root())?;
+        self.sb.data_mapping_root = top.root().0;
+        self.put_details(dev, d)
+    }
+
+    /// Restore: maps `vblock` of `dev` to `bt`, taking one more reference on the data block
+    /// (restored devices may share blocks). Mapped-block counts come from the details given to
+    /// [`Metadata::restore_device`].
+    pub(crate) fn restore_mapping(
+        &mut self,
+        dev: DevId,
+        vblock: VirtBlock,
+        bt: BlockTime,
+    ) -> Result<()> {
+        if bt.block.0 >= self.data_nr_blocks() {
+            return Err(PoolError::InvalidArgument(format!(
+                "device {}: {vblock} maps to {}, outside the pool's {} data blocks",
+                dev.0,
+                bt.block,
+                self.data_nr_blocks()
+            )));
+        }
+        self.changed = true;
+        self.tm.data_inc(DiskBlock(bt.block.0))?;
+        let value = bt.pack();
+        let mut top = self.top();
+        let old = top.update_value(&mut self.tm, u64::from(dev.0), |tm, root| {
+            let mut tree = BlockTree::open(*root);
+            let old = tree.insert(tm, vblock.0, &value)?;
+            *root = tree.root();
+            Ok(old)
+        })?;
+        self.sb.data_mapping_root = top.root().0;
+        match old {
+            None => Err(PoolError::NoSuchDevice(dev.0)),
+            Some(Some(_)) => Err(PoolError::InvalidArgument(format!(
+                "device {}: {vblock} is mapped twice",
+                dev.0
+            ))),
+            Some(None) => Ok(()),
+        }
+    }
+
+    /// Restore: the pool time and transaction id.
+    pub(crate) fn restore_header(&mut self, time: u32, transaction_id: u64) {
+        self.sb.time = time;
+        self.sb.transaction_id = transaction_id;
+        self.changed = true;
+    }
+
     /// Calls `f` for every mapping of `dev`, in virtual block order.
     pub(crate) fn walk_mappings(
         &self,

@@ -301,6 +301,16 @@ impl Pool {
         &self.meta
     }
 
+    pub(crate) fn metadata_mut(&mut self) -> &mut Metadata {
+        &mut self.meta
+    }
+
+    /// Makes volumes.json agree with the metadata's transaction id after a restore.
+    pub(crate) fn sync_volumes_txid(&mut self) -> Result<()> {
+        self.volumes.transaction_id = self.meta.transaction_id();
+        self.store.write(&self.volumes)
+    }
+
     /// The names file as it stands (for `check`).
     pub fn volumes_file(&self) -> &VolumesFile {
         &self.volumes

@@ -3,4 +3,5 @@
 
 pub mod check;
 pub mod dump;
+pub mod restore;
 pub mod xml;
