@@ -102,12 +102,11 @@ fn freed_blocks_wait_for_commit_and_punch() {
         p.release_reservation(r);
     }
     p.release_freed(&c.freed);
-    let mut n = 0;
+    let mut held = Vec::new();
     while let Ok(r) = p.reserve_data_block() {
-        n += 1;
-        std::mem::forget(r);
+        held.push(r);
     }
-    assert_eq!(n, 6);
+    assert_eq!(held.len(), 6);
 }
 
 #[test]
