@@ -233,3 +233,74 @@ fn metadata_snapshot_is_what_thin_dump_m_reads() {
     drop(p);
     pool_common::thin_check(&meta).unwrap();
 }
+
+#[test]
+fn metadata_exhaustion_fails_cleanly_and_grow_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = Pool::create(
+        dir.path(),
+        &CreateOptions {
+            data_size: 1_000_000 * BS,
+            block_size: BS,
+            metadata_size: Some(2 << 20),
+            force: false,
+        },
+    )
+    .unwrap();
+    let v = p.create_volume("v", 1 << 40).unwrap();
+    let mut mapped = 0u64;
+    let err = loop {
+        // Scattered virtual blocks: many half-empty leaves, metadata runs out fast.
+        match p.provision(v.dev_id, VirtBlock(mapped * 977 % 4_000_000)) {
+            Ok(_) => mapped += 1,
+            Err(e) => break e,
+        }
+        if mapped % 5000 == 0 {
+            p.commit().unwrap();
+        }
+        assert!(mapped < 1_000_000, "metadata never ran out");
+    };
+    assert!(matches!(err, PoolError::NoMetadataSpace), "{err}");
+    assert_eq!(err.errno(), libc::ENOSPC);
+    assert!(err.to_string().contains("--metadata-size"), "{err}");
+    // Nothing was half done: the open transaction commits, and everything checks clean.
+    assert_eq!(p.volume("v").unwrap().mapped_blocks, mapped);
+    assert!(p.create_volume("w", BS).is_err());
+    p.commit().unwrap();
+    let report = uthin::tools::check::check_live(&p).unwrap();
+    assert!(report.is_clean(), "{}", report.to_text());
+    pool_common::thin_check(&dir.path().join("metadata")).unwrap();
+    p.grow_metadata(8 << 20).unwrap();
+    p.provision(v.dev_id, VirtBlock(4_000_001)).unwrap();
+    p.create_volume("w", BS).unwrap();
+    assert_eq!(p.volume("v").unwrap().mapped_blocks, mapped + 1);
+    let report = uthin::tools::check::check_live(&p).unwrap();
+    assert!(report.is_clean(), "{}", report.to_text());
+    drop(p);
+    pool_common::thin_check(&dir.path().join("metadata")).unwrap();
+}
+
+#[test]
+fn batch_reservations_are_consecutive_and_respect_hints() {
+    let (_dir, mut p) = pool(1000);
+    let v = p.create_volume("v", 1000 * BS).unwrap();
+    let rs = p.reserve_data_blocks(None, 16).unwrap();
+    assert_eq!(rs.len(), 16);
+    for w in rs.windows(2) {
+        assert_eq!(w[1].block().0, w[0].block().0 + 1);
+    }
+    let near = p.reserve_data_blocks(Some(DataBlock(500)), 8).unwrap();
+    assert_eq!(near[0].block(), DataBlock(500));
+    assert_eq!(near.len(), 8);
+    // A batch stops at the first block that is not usable (here: reserved by the first batch).
+    let short = p.reserve_data_blocks(Some(DataBlock(10)), 100).unwrap();
+    assert_eq!(short[0].block(), DataBlock(16));
+    for (i, r) in rs.into_iter().enumerate() {
+        p.insert_mapping(v.dev_id, VirtBlock(i as u64), r).unwrap();
+    }
+    for r in near.into_iter().chain(short) {
+        p.release_reservation(r);
+    }
+    assert_eq!(p.volume("v").unwrap().mapped_blocks, 16);
+    assert_eq!(p.status().unwrap().data_used_blocks, 16);
+}
