@@ -62,22 +62,46 @@ fn build() -> (MemIo, Model) {
 fn exercise(img: MemIo, model: &Model) -> Result<()> {
     let io: Arc<dyn BlockIo> = Arc::new(img);
     let (mut tm, sb) = open(io, 64, 0)?;
-    assert_eq!(sb.trans_id, 7, "superblock accepted with a wrong transaction id");
+    assert_eq!(
+        sb.trans_id, 7,
+        "superblock accepted with a wrong transaction id"
+    );
     let mut top = BTree::<Top>::open(MetaBlock(sb.mapping_root));
     let det = BTree::<Details>::open(MetaBlock(sb.details_root));
-    let devs: Vec<u64> = top.iter(&tm, ..).map(|r| r.map(|x| x.0)).collect::<Result<_>>()?;
-    assert_eq!(devs, model.keys().copied().collect::<Vec<_>>(), "wrong device list");
+    let devs: Vec<u64> = top
+        .iter(&tm, ..)
+        .map(|r| r.map(|x| x.0))
+        .collect::<Result<_>>()?;
+    assert_eq!(
+        devs,
+        model.keys().copied().collect::<Vec<_>>(),
+        "wrong device list"
+    );
     for (dev, m) in model {
         let root = top.lookup(&tm, *dev)?.expect("device present");
         let t = BTree::<Leaf>::open(root);
         let got: Vec<(u64, u64)> = t.iter(&tm, ..).collect::<Result<_>>()?;
-        assert!(got == m.iter().map(|(k, v)| (*k, *v)).collect::<Vec<_>>(), "wrong mappings of device {dev}");
+        assert!(
+            got == m.iter().map(|(k, v)| (*k, *v)).collect::<Vec<_>>(),
+            "wrong mappings of device {dev}"
+        );
         for (k, v) in m.iter().step_by(53) {
             assert_eq!(t.lookup(&tm, *k)?, Some(*v), "wrong lookup");
-            assert_eq!(t.lookup_le(&tm, *k)?.map(|x| x.1), Some(*v), "wrong lookup_le");
-            assert!(tm.data_count(Leaf::block(*v))? >= 1, "mapped block counted free");
+            assert_eq!(
+                t.lookup_le(&tm, *k)?.map(|x| x.1),
+                Some(*v),
+                "wrong lookup_le"
+            );
+            assert!(
+                tm.data_count(Leaf::block(*v))? >= 1,
+                "mapped block counted free"
+            );
         }
-        assert_eq!(det.lookup(&tm, *dev)?, Some([*dev as u8; 24]), "wrong details");
+        assert_eq!(
+            det.lookup(&tm, *dev)?,
+            Some([*dev as u8; 24]),
+            "wrong details"
+        );
     }
     let problems = recount(&tm, |tm, c| {
         count_btree::<Top>(tm, top.root(), c)?;
@@ -100,7 +124,12 @@ fn exercise(img: MemIo, model: &Model) -> Result<()> {
         Ok(())
     })?;
     top.remove(&mut tm, 4)?;
-    let sb2 = TestSuper { trans_id: 8, mapping_root: top.root().0, details_root: det.root().0, ..Default::default() };
+    let sb2 = TestSuper {
+        trans_id: 8,
+        mapping_root: top.root().0,
+        details_root: det.root().0,
+        ..Default::default()
+    };
     commit(&mut tm, &sb2)?;
     Ok(())
 }
@@ -115,7 +144,11 @@ fn flipped_bytes_in_every_block_are_reported_never_trusted() {
     for b in 0..META_BLOCKS {
         // Every header field of a used block, and random places; free blocks get two flips.
         let used = !base.is_unwritten(MetaBlock(b));
-        let mut offsets = if used { vec![0usize, 5, 9, 17, 21, 25] } else { vec![0usize] };
+        let mut offsets = if used {
+            vec![0usize, 5, 9, 17, 21, 25]
+        } else {
+            vec![0usize]
+        };
         for _ in 0..if used { 4 } else { 1 } {
             seed ^= seed << 13;
             seed ^= seed >> 7;
@@ -135,7 +168,8 @@ fn flipped_bytes_in_every_block_are_reported_never_trusted() {
                     assert!(was_used, "block {b} was never written, yet: {e}");
                     let text = e.to_string();
                     assert!(
-                        e.block() == Some(MetaBlock(b)) || text.contains(&format!("metadata block {b}")),
+                        e.block() == Some(MetaBlock(b))
+                            || text.contains(&format!("metadata block {b}")),
                         "block {b} byte {off}: the error does not name the damaged block: {e}"
                     );
                 }

@@ -90,6 +90,12 @@ enum Plan {
 impl<V: ValueType> BTree<V> {
     /// Creates an empty tree (one empty leaf).
     pub fn create(tm: &mut TransactionManager) -> Result<Self> {
+        if node::max_entries(V::SIZE) < 3 {
+            return Err(Error::Unsupported(format!(
+                "{}-byte values do not fit three to a node",
+                V::SIZE
+            )));
+        }
         let mut leaf = tm.new_block(&BTREE_NODE_VALIDATOR)?;
         node::init(&mut leaf, true, V::SIZE);
         Ok(BTree::open(leaf.nr()))
