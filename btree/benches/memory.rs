@@ -69,7 +69,7 @@ fn main() {
     let used = tm.nr_blocks() - tm.nr_free();
     println!(
         "memory: {entries} entries ({} MiB of metadata), cache bound {} MiB: largest cache {} blocks, RSS at start {} MiB, peak RSS {} MiB",
-        used * BLOCK_SIZE as u64 >> 20,
+        (used * BLOCK_SIZE as u64) >> 20,
         cache_bytes >> 20,
         max_cache,
         rss_start / 1024,
