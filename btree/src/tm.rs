@@ -19,6 +19,7 @@
 //! Read-only calls take `&self` and may run on many threads at once (the block cache locks
 //! internally); changes take `&mut self`.
 
+use crate::cache::BlockHasher;
 use crate::cache::{BlockCache, BlockMut};
 use crate::checksum::{BITMAP_VALIDATOR, BTREE_NODE_VALIDATOR, INDEX_VALIDATOR, Validator};
 use crate::error::{Error, OptBlock, Result};
@@ -30,6 +31,7 @@ use crate::space_map::{
 };
 use crate::{Block, DiskBlock, MetaBlock};
 use std::collections::HashSet;
+use std::hash::BuildHasherDefault;
 use std::ops::Deref;
 use std::sync::Arc;
 
@@ -119,7 +121,7 @@ pub struct TransactionManager {
     pub(crate) meta: SpaceMap,
     pub(crate) data: Option<SpaceMap>,
     /// Blocks allocated in this transaction: writable without another copy (unless shared).
-    shadows: HashSet<u64>,
+    shadows: HashSet<u64, BuildHasherDefault<BlockHasher>>,
     pub(crate) flushing: bool,
     /// Depth of B-tree operations in progress: housekeeping waits for the outermost to finish.
     pub(crate) nested: u32,
@@ -143,7 +145,7 @@ impl TransactionManager {
             cache: Arc::new(BlockCache::new(io, cfg.cache_blocks)),
             meta,
             data: None,
-            shadows: HashSet::new(),
+            shadows: HashSet::default(),
             flushing: false,
             nested: 0,
             poisoned: None,
