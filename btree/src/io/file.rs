@@ -112,7 +112,10 @@ mod tests {
         assert_eq!(io.nr_blocks(), 4);
         let mut b = [7u8; BLOCK_SIZE];
         io.write(MetaBlock(3), &b).unwrap();
-        assert!(io.write(MetaBlock(4), &b).is_err(), "writes past the end are refused");
+        assert!(
+            io.write(MetaBlock(4), &b).is_err(),
+            "writes past the end are refused"
+        );
         io.grow(10).unwrap();
         io.write(MetaBlock(9), &b).unwrap();
         io.sync().unwrap();
