@@ -207,3 +207,38 @@ fn dump_and_restore_round_trip_through_both_toolsets() {
         String::from_utf8_lossy(&check.stdout)
     );
 }
+
+#[test]
+fn delta_matches_thin_delta() {
+    let (_d, dir) = restored_pool();
+    let bin = env!("CARGO_BIN_EXE_uthin");
+    for (a, b) in [(1u32, 2u32), (2, 1), (1, 7), (7, 9), (9, 1)] {
+        let theirs = std::process::Command::new("thin_delta")
+            .arg(format!("--snap1={a}"))
+            .arg(format!("--snap2={b}"))
+            .arg(dir.join("metadata"))
+            .output()
+            .unwrap();
+        assert!(
+            theirs.status.success(),
+            "{}",
+            String::from_utf8_lossy(&theirs.stderr)
+        );
+        let mine = std::process::Command::new(bin)
+            .arg("--pool")
+            .arg(&dir)
+            .args(["delta", &a.to_string(), &b.to_string()])
+            .output()
+            .unwrap();
+        assert!(
+            mine.status.success(),
+            "{}",
+            String::from_utf8_lossy(&mine.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&mine.stdout),
+            String::from_utf8_lossy(&theirs.stdout),
+            "delta {a} {b}"
+        );
+    }
+}

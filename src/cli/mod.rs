@@ -86,6 +86,13 @@ pub enum Command {
     },
     /// Check the metadata and volumes.json: every tree, every reference count.
     Check(CheckArgs),
+    /// Show how two volumes differ (thin_delta's XML); a volume is a name or a device id.
+    Delta {
+        /// Left volume.
+        left: String,
+        /// Right volume.
+        right: String,
+    },
     /// Print the metadata as thin_dump's XML.
     Dump {
         /// Write to this file instead of stdout.
@@ -352,6 +359,12 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 return Ok(ExitCode::from(EXIT_ERROR));
             }
         }
+        Command::Delta { left, right } => {
+            let pool = Pool::open(&dir)?;
+            let l = resolve_volume(&pool, &left)?;
+            let r = resolve_volume(&pool, &right)?;
+            print!("{}", crate::tools::delta::delta_xml(&pool, l, r)?);
+        }
         Command::Dump { output } => {
             let pool = Pool::open(&dir)?;
             let xml = crate::tools::dump::dump_xml(&pool)?;
@@ -392,6 +405,17 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A volume given by name, or by device id for devices without one.
+fn resolve_volume(pool: &Pool, arg: &str) -> Result<DevId, PoolError> {
+    match pool.volume(arg) {
+        Ok(v) => Ok(v.dev_id),
+        Err(e) => match arg.parse::<u32>() {
+            Ok(id) if pool.list()?.iter().any(|v| v.dev_id.0 == id && !v.missing) => Ok(DevId(id)),
+            _ => Err(e),
+        },
+    }
 }
 
 fn report_volume(json: bool, verb: &str, v: &VolumeInfo) {

@@ -532,6 +532,18 @@ impl Metadata {
         Ok(())
     }
 
+    /// The mappings of `dev` in virtual block order, one leaf in memory at a time.
+    pub(crate) fn iter_mappings(
+        &self,
+        dev: DevId,
+    ) -> Result<impl Iterator<Item = Result<(VirtBlock, BlockTime)>> + '_> {
+        let root = self.device_root(dev)?;
+        Ok(BlockTree::open(root).iter(&self.tm, ..).map(|e| {
+            e.map(|(k, v)| (VirtBlock(k), BlockTime::unpack(v)))
+                .map_err(PoolError::from)
+        }))
+    }
+
     pub(crate) fn grow_data(&mut self, nr_blocks: u64) -> Result<()> {
         self.changed = true;
         self.tm.data_extend(nr_blocks)?;
