@@ -49,7 +49,7 @@ pub fn delta(pool: &Pool, left: DevId, right: DevId) -> Result<Vec<DeltaRun>, Po
     let meta = pool.metadata();
     let mut l = meta.iter_mappings(left)?;
     let mut r = meta.iter_mappings(right)?;
-    let mut next = |it: &mut dyn Iterator<Item = Result<_, PoolError>>| {
+    let next = |it: &mut dyn Iterator<Item = Result<_, PoolError>>| {
         it.next()
             .transpose()
             .map(|o| o.map(|(vb, bt): (VirtBlock, BlockTime)| (vb.0, bt.block)))
