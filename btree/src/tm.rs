@@ -120,7 +120,8 @@ pub struct TransactionManager {
     pub(crate) cache: Arc<BlockCache>,
     pub(crate) meta: SpaceMap,
     pub(crate) data: Option<SpaceMap>,
-    /// Blocks allocated in this transaction: writable without another copy (unless shared).
+    /// Blocks allocated in this transaction and referenced once: writable in place. A block
+    /// leaves the set when another reference is taken on it.
     shadows: HashSet<u64, BuildHasherDefault<BlockHasher>>,
     pub(crate) flushing: bool,
     /// Depth of B-tree operations in progress: housekeeping waits for the outermost to finish.
@@ -442,10 +443,13 @@ impl TransactionManager {
                 "block 0 holds the superblock and is never shadowed".into(),
             ));
         }
-        let shared = self.sm_get(SmId::Metadata, orig.0)? > 1;
-        if !shared && self.shadows.contains(&orig.0) {
+        // A block in the shadow set was allocated in this transaction and nobody took another
+        // reference on it since (`inc` removes it from the set), so its count is 1: write it in
+        // place without looking the count up.
+        if self.shadows.contains(&orig.0) {
             return Ok((self.cache.take(orig, v)?, false));
         }
+        let shared = self.sm_get(SmId::Metadata, orig.0)? > 1;
         let src = self.read_block(orig, v)?;
         self.cache.evict_for_writer()?;
         let new = MetaBlock(self.sm_alloc(SmId::Metadata)?);
@@ -461,6 +465,8 @@ impl TransactionManager {
         let r = self
             .guard_super(b)
             .and_then(|_| self.sm_inc(SmId::Metadata, b.0));
+        // Shared now: the next change must copy it, even though it is new in this transaction.
+        self.shadows.remove(&b.0);
         self.poison_on_err(r)
     }
 

@@ -267,8 +267,36 @@ impl World {
                     let holders = self.model.values().filter(|o| o.get(k) == Some(v)).count();
                     prop_assert_eq!(exclusive, holders == 1, "tree {} key {} block {}", id, k, v);
                 }
-                if let Some((k, _)) = m.iter().next() {
-                    prop_assert_eq!(t.lookup_ge(&self.tm, 0).unwrap().map(|x| x.0), Some(*k));
+                // Nearest-key lookups and bounded iteration at keys spread over the key space
+                // (present, absent, below and above everything).
+                use std::ops::Bound::*;
+                for probe in (0..KEYS + 10).step_by(211).chain([0, u64::MAX]) {
+                    let le = m.range(..=probe).next_back().map(|(k, v)| (*k, *v));
+                    let ge = m.range(probe..).next().map(|(k, v)| (*k, *v));
+                    prop_assert_eq!(
+                        t.lookup_le(&self.tm, probe).unwrap(),
+                        le,
+                        "lookup_le {}",
+                        probe
+                    );
+                    prop_assert_eq!(
+                        t.lookup_ge(&self.tm, probe).unwrap(),
+                        ge,
+                        "lookup_ge {}",
+                        probe
+                    );
+                    let hi = probe.saturating_add(313);
+                    for (lo_b, hi_b) in [
+                        (Included(probe), Excluded(hi)),
+                        (Excluded(probe), Included(hi)),
+                        (Excluded(probe), Unbounded),
+                    ] {
+                        let got: Vec<(u64, u64)> =
+                            t.iter(&self.tm, (lo_b, hi_b)).map(|r| r.unwrap()).collect();
+                        let want: Vec<(u64, u64)> =
+                            m.range((lo_b, hi_b)).map(|(k, v)| (*k, *v)).collect();
+                        prop_assert_eq!(got, want, "iter {:?}..{:?}", lo_b, hi_b);
+                    }
                 }
             }
         }
