@@ -204,7 +204,7 @@ fn check_metadata(
     let sb = &meta.sb;
     report.transaction_id = sb.transaction_id;
     let nr_data = meta.data_nr_blocks();
-    let mut c = RefCounter::new();
+    let mut c = RefCounter::with_capacity(meta.metadata_nr_blocks(), nr_data);
     // Walk errors make the counts incomplete; comparing them would only add false alarms.
     let mut complete = true;
     c.inc_meta(MetaBlock(0));
