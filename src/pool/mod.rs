@@ -174,6 +174,11 @@ impl Pool {
         if !opts.force && (paths.metadata().exists() && has_superblock(&paths.metadata())) {
             return Err(PoolError::PoolExists(dir.to_path_buf()));
         }
+        if opts.force && !files::is_block_device(&paths.data()) {
+            // A recreated pool must not show the old pool's data in fresh blocks: start from an
+            // empty sparse file.
+            let _ = std::fs::remove_file(paths.data());
+        }
         files::ensure_size(&paths.data(), nr_data_blocks * opts.block_size)?;
         let io = match hooks.metadata_io {
             Some(io) => io,
