@@ -16,8 +16,14 @@ pub fn restore(
     force: bool,
 ) -> Result<Pool, PoolError> {
     let block_size = u64::from(xml.data_block_size) * 512;
+    let data_size = xml.nr_data_blocks.checked_mul(block_size).ok_or_else(|| {
+        PoolError::InvalidArgument(format!(
+            "{} data blocks of {block_size} bytes do not fit in 64 bits",
+            xml.nr_data_blocks
+        ))
+    })?;
     let opts = CreateOptions {
-        data_size: xml.nr_data_blocks * block_size,
+        data_size,
         block_size,
         metadata_size,
         force,
