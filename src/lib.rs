@@ -7,4 +7,5 @@
 #![deny(missing_docs)]
 
 pub mod device;
+pub mod nbd;
 pub mod units;
