@@ -817,3 +817,32 @@ fn unix_socket_and_tools_after_abuse() {
     .ok("nbdinfo --size over TCP");
     assert_eq!(out.stdout.trim(), (32 * MIB).to_string());
 }
+
+#[test]
+fn connections_beyond_the_limit_are_refused() {
+    let srv = InProcessServer::start_with(ServerConfig {
+        max_connections: 2,
+        ..ServerConfig::default()
+    });
+    srv.add("vol", MIB, false);
+    let mut a = RawClient::connect_fixed(&srv.tcp);
+    a.go("vol");
+    let b = RawClient::connect_fixed(&srv.tcp);
+    // The third is closed at once (it does not even get the greeting).
+    let mut third = std::net::TcpStream::connect(&srv.tcp).unwrap();
+    third
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 18];
+    let n = std::io::Read::read(&mut third, &mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "over the limit: closed without a greeting");
+    // The others are unaffected; once one leaves, a new client is served.
+    a.write(1, 0, &[1; 512]);
+    a.disconnect();
+    drop(b);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while srv.server.connections() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    well_behaved_session(&srv.tcp, "vol");
+}

@@ -149,6 +149,9 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// At most this many bytes of free I/O buffers are kept for reuse.
     pub buffer_cache_bytes: usize,
+    /// Connections beyond this many are closed as soon as they are accepted (each open
+    /// connection holds a read buffer and up to 96 MiB of in-flight requests).
+    pub max_connections: usize,
 }
 
 impl Default for ServerConfig {
@@ -156,6 +159,7 @@ impl Default for ServerConfig {
         ServerConfig {
             handshake_timeout: Duration::from_secs(30),
             buffer_cache_bytes: 256 << 20,
+            max_connections: 1024,
         }
     }
 }
@@ -363,6 +367,14 @@ fn spawn_connection<R, W, D>(
     D: BlockDevice,
 {
     let guard = shared.enter();
+    if shared.tracker.count.load(Ordering::Acquire) > shared.config.max_connections {
+        warn!(
+            %peer,
+            limit = shared.config.max_connections,
+            "too many connections: closing the new one"
+        );
+        return; // dropping the halves closes the socket
+    }
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let span = info_span!("nbd", conn = id, %peer);
     let shared = Arc::clone(shared);
@@ -403,8 +415,8 @@ where
             );
             return;
         }
-        Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
-            debug!("client left during the handshake");
+        Ok(Err(e)) if client_vanished(&e) => {
+            debug!("client left during the handshake: {e}");
             return;
         }
         Ok(Err(e)) => {
@@ -428,11 +440,20 @@ where
     let end = transmission::run(rd, wr, session, Arc::clone(&shared.pool), stop).await;
     match &end {
         End::ProtocolError(_) => warn!(%export, "connection dropped: {end}"),
-        End::Io(e) if e.kind() != io::ErrorKind::UnexpectedEof => {
-            warn!(%export, "connection closed: {end}")
-        }
+        End::Io(e) if !client_vanished(e) => warn!(%export, "connection closed: {end}"),
         _ => info!(%export, "client disconnected: {end}"),
     }
+}
+
+/// Errors that only mean the client went away (not worth a warning).
+fn client_vanished(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+    )
 }
 
 #[cfg(test)]
