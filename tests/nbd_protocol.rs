@@ -846,3 +846,115 @@ fn connections_beyond_the_limit_are_refused() {
     }
     well_behaved_session(&srv.tcp, "vol");
 }
+
+#[test]
+fn random_options_and_requests_never_take_the_server_down() {
+    use rand::{Rng, SeedableRng};
+    let srv = InProcessServer::start();
+    srv.add("vol", 16 * MIB, false);
+    srv.add("ro", MIB, true);
+    // A fixed seed keeps CI reproducible; UTHIN_NBD_SEED explores others.
+    let seed = std::env::var("UTHIN_NBD_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x006e_6264);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut replies = 0;
+
+    // Random options: known and unknown codes with random data.
+    for _ in 0..20 {
+        let mut c = RawClient::connect_fixed(&srv.tcp);
+        for _ in 0..20 {
+            let code = if rng.random_bool(0.7) {
+                rng.random_range(1..=12)
+            } else {
+                rng.random()
+            };
+            if code == OPT_EXPORT_NAME || code == OPT_GO || code == OPT_ABORT {
+                continue; // would (rightly) end the negotiation
+            }
+            let len = rng.random_range(0..64);
+            let data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+            let r = c.option(code, &data);
+            replies += r.len();
+            // Track the reply modes the random options switched on.
+            if r.last().map(|r| r.reply_type) == Some(REP_ACK) {
+                if code == OPT_EXTENDED_HEADERS {
+                    c.extended = true;
+                }
+                if code == OPT_STRUCTURED_REPLY || code == OPT_EXTENDED_HEADERS {
+                    c.structured = true;
+                }
+            }
+        }
+        c.go(if rng.random_bool(0.5) { "vol" } else { "ro" });
+        c.disconnect();
+    }
+
+    // Random requests with a valid magic on both reply modes.
+    let mut closed = 0;
+    for round in 0..30 {
+        let mut c = RawClient::connect_fixed(&srv.tcp);
+        match round % 3 {
+            0 => {}
+            1 => c.structured_reply(),
+            _ => c.extended_headers(),
+        }
+        c.go("vol");
+        for i in 0..40u64 {
+            let command = rng.random_range(0..10u16);
+            if command == CMD_DISC {
+                continue;
+            }
+            let flags = if rng.random_bool(0.5) {
+                0
+            } else {
+                rng.random()
+            };
+            let offset = if rng.random_bool(0.7) {
+                rng.random_range(0..16 * MIB) & !511
+            } else {
+                rng.random()
+            };
+            let len = if rng.random_bool(0.8) {
+                rng.random_range(0..256 * 1024u64) & !511
+            } else {
+                rng.random::<u32>() as u64
+            };
+            let carries_payload =
+                command == CMD_WRITE || (c.extended && flags & CMD_FLAG_PAYLOAD_LEN != 0);
+            if carries_payload && len > 1 << 20 {
+                continue; // covered by framing_errors_drop_only_that_connection
+            }
+            let payload = if carries_payload {
+                vec![0xa5; len as usize]
+            } else {
+                vec![]
+            };
+            c.request(flags, command, i, offset, len, &payload);
+            // Every request gets a complete reply (error or not); reads carry data.
+            if command == CMD_READ && !c.structured {
+                let r = c.read_reply();
+                assert_eq!(r.cookie(), i);
+                if r.error() == 0 {
+                    c.read_n(len as usize);
+                }
+            } else if c.structured {
+                let chunks = c.read_chunks();
+                assert!(chunks.iter().all(|r| r.cookie() == i));
+            } else {
+                assert_eq!(c.read_reply().cookie(), i);
+            }
+            replies += 1;
+        }
+        if round % 5 == 0 {
+            drop(c); // vanish without NBD_CMD_DISC
+            closed += 1;
+        } else {
+            c.disconnect();
+        }
+    }
+    assert!(replies > 1000, "{replies} replies");
+    assert!(closed > 0);
+    well_behaved_session(&srv.tcp, "vol");
+}
