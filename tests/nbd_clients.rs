@@ -8,7 +8,6 @@
 mod nbd_support;
 
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -340,26 +339,23 @@ fn nbdcopy_copies_sparsely_in_and_out() {
     assert_eq!(std::fs::read(&out2).unwrap(), std::fs::read(&src).unwrap());
 }
 
-/// Runs fio's nbd engine, recording the most connections the server saw while it ran.
-fn fio(t: &InProcessServer, args: &[&str]) -> (Output, usize) {
+/// Runs fio's nbd engine, recording the most connections the server had while it ran.
+fn fio(t: &impl Target, args: &[&str]) -> (Output, usize) {
     require_tool("fio", "fio");
-    let running = Arc::new(AtomicBool::new(true));
-    let max_conns = Arc::new(AtomicUsize::new(0));
-    let sampler = {
-        let running = Arc::clone(&running);
-        let max_conns = Arc::clone(&max_conns);
-        let server = Arc::clone(&t.server);
-        std::thread::spawn(move || {
+    let running = AtomicBool::new(true);
+    let max_conns = AtomicUsize::new(0);
+    let out = std::thread::scope(|scope| {
+        scope.spawn(|| {
             while running.load(Ordering::Relaxed) {
-                max_conns.fetch_max(server.connections(), Ordering::Relaxed);
+                max_conns.fetch_max(t.connections(), Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(2));
             }
-        })
-    };
-    let out = run("fio", args, LIMIT);
-    running.store(false, Ordering::Relaxed);
-    sampler.join().unwrap();
-    (out, max_conns.load(Ordering::Relaxed))
+        });
+        let out = run("fio", args, LIMIT);
+        running.store(false, Ordering::Relaxed);
+        out
+    });
+    (out, max_conns.into_inner())
 }
 
 #[test]

@@ -210,18 +210,18 @@ impl Drop for InProcessServer {
     }
 }
 
-/// What the client tests need from a server: URIs of exports, and a way to create them.
-pub trait Target {
+/// What the client tests need from a server: URIs of exports, a way to create them, and the
+/// number of open connections.
+pub trait Target: Sync {
     /// `nbd://HOST:PORT/NAME`
     fn tcp_uri(&self, export: &str) -> String;
     /// `nbd+unix:///NAME?socket=PATH`
     fn unix_uri(&self, export: &str) -> String;
-    /// `HOST:PORT` for raw-socket clients.
-    fn tcp_addr(&self) -> String;
     /// Creates an empty (all-holes) export; allocation unit [`BLOCK`].
     fn create_export(&self, name: &str, size: u64, read_only: bool);
-    /// Open connections as the server counts them, when the target can tell.
-    fn connections(&self) -> Option<usize>;
+    /// Client connections the server has open now. (A target in another process can count
+    /// the ESTABLISHED sockets on its port.)
+    fn connections(&self) -> usize;
 }
 
 impl Target for InProcessServer {
@@ -233,22 +233,19 @@ impl Target for InProcessServer {
         format!("nbd+unix:///{export}?socket={}", self.unix.display())
     }
 
-    fn tcp_addr(&self) -> String {
-        self.tcp.clone()
-    }
-
     fn create_export(&self, name: &str, size: u64, read_only: bool) {
         self.add(name, size, read_only);
     }
 
-    fn connections(&self) -> Option<usize> {
-        Some(self.server.connections())
+    fn connections(&self) -> usize {
+        self.server.connections()
     }
 }
 
-/// The server the client tests run against. Today: the in-process server over `TestDevice`
-/// exports. (A `uthin serve` target plugs in here.)
-pub fn target() -> InProcessServer {
+/// The server the client tests run against: today the in-process server over `TestDevice`
+/// exports. To run the same tests against `uthin serve`, return a `Target` that starts it on
+/// a temporary pool (and creates exports with `uthin create`).
+pub fn target() -> impl Target {
     InProcessServer::start()
 }
 
