@@ -465,6 +465,18 @@ fn structured_reads_send_holes_for_unallocated_ranges() {
     assert_eq!(*chunk_type, REPLY_TYPE_OFFSET_DATA);
     assert_eq!(payload.len(), 8 + 2 * b as usize);
     assert_eq!(&payload[8 + b as usize..], &data[..]);
+    // A zero-length read gets a NONE chunk (never a simple reply).
+    c.request(0, CMD_READ, 7, 0, 0, &[]);
+    assert_eq!(
+        c.read_reply(),
+        Reply::Chunk {
+            cookie: 7,
+            flags: REPLY_FLAG_DONE,
+            chunk_type: REPLY_TYPE_NONE,
+            offset: None,
+            payload: vec![]
+        }
+    );
     // An out-of-range read gets an error chunk (never a simple reply).
     c.request(0, CMD_READ, 6, 16 * MIB, 512, &[]);
     let r = c.read_reply();
@@ -942,6 +954,17 @@ fn random_options_and_requests_never_take_the_server_down() {
             } else if c.structured {
                 let chunks = c.read_chunks();
                 assert!(chunks.iter().all(|r| r.cookie() == i));
+                // Reads never get simple replies once structured replies are on, and with
+                // extended headers nothing does.
+                if command == CMD_READ || c.extended {
+                    assert!(
+                        chunks.iter().all(|r| matches!(
+                            r,
+                            Reply::Chunk { offset, .. } if offset.is_some() == c.extended
+                        )),
+                        "{chunks:?}"
+                    );
+                }
             } else {
                 assert_eq!(c.read_reply().cookie(), i);
             }

@@ -296,7 +296,11 @@ impl<D: BlockDevice> Conn<D> {
     async fn read(&self, cookie: u64, offset: u64, len: u32, single_chunk: bool) -> Body {
         let mode = self.mode();
         if len == 0 {
-            return self.ok(cookie, offset);
+            // With structured replies a read is never answered with a simple reply.
+            return match mode {
+                ReplyMode::Simple => Body::Prefix(ReplyPrefix::simple(cookie, None)),
+                _ => Body::Prefix(ReplyPrefix::none(mode, cookie, offset)),
+            };
         }
         if mode != ReplyMode::Simple && !single_chunk && len >= self.sparse_read_min {
             return self.sparse_read(cookie, offset, len).await;
