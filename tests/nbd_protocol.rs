@@ -443,6 +443,23 @@ fn structured_reads_send_holes_for_unallocated_ranges() {
     let all = c.read(3, 0, 4 * b as usize);
     assert_eq!(&all[b as usize..2 * b as usize], &data[..]);
     assert!(all[..b as usize].iter().all(|&x| x == 0));
+    // Without hole detection, the same read is one data chunk of zeros and data.
+    let plain = InProcessServer::start_with(ServerConfig {
+        sparse_reads: false,
+        ..ServerConfig::default()
+    });
+    plain.add("vol", 16 * MIB, false);
+    let mut p = RawClient::connect_fixed(&plain.tcp);
+    p.structured_reply();
+    p.go("vol");
+    p.write(1, b, &data);
+    p.request(0, CMD_READ, 2, 0, 4 * b, &[]);
+    let chunks = p.read_chunks();
+    assert_eq!(chunks.len(), 1);
+    assert!(
+        matches!(&chunks[0], Reply::Chunk { chunk_type, .. } if *chunk_type == REPLY_TYPE_OFFSET_DATA)
+    );
+    p.disconnect();
     // A read entirely in a hole is one hole chunk.
     c.request(0, CMD_READ, 4, 8 * b, b, &[]);
     let chunks = c.read_chunks();

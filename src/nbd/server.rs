@@ -152,6 +152,10 @@ pub struct ServerConfig {
     /// Connections beyond this many are closed as soon as they are accepted (each open
     /// connection holds a read buffer and up to 96 MiB of in-flight requests).
     pub max_connections: usize,
+    /// With structured replies, reads of at least the device's block size ask the device
+    /// for holes first (`BlockDevice::block_status`) and send `OFFSET_HOLE` chunks for them
+    /// instead of zeros. Turn off if the device's block status is not cheap.
+    pub sparse_reads: bool,
 }
 
 impl Default for ServerConfig {
@@ -160,6 +164,7 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(30),
             buffer_cache_bytes: 256 << 20,
             max_connections: 1024,
+            sparse_reads: true,
         }
     }
 }
@@ -437,7 +442,15 @@ where
         read_only = session.limits.read_only,
         "client connected"
     );
-    let end = transmission::run(rd, wr, session, Arc::clone(&shared.pool), stop).await;
+    let end = transmission::run(
+        rd,
+        wr,
+        session,
+        Arc::clone(&shared.pool),
+        shared.config.sparse_reads,
+        stop,
+    )
+    .await;
     match &end {
         End::ProtocolError(_) => warn!(%export, "connection dropped: {end}"),
         End::Io(e) if !client_vanished(e) => warn!(%export, "connection closed: {end}"),

@@ -504,6 +504,7 @@ pub(crate) async fn run<R, W, D>(
     wr: W,
     session: Session<D>,
     pool: Arc<BufferPool>,
+    sparse_reads: bool,
     server_stop: watch::Receiver<bool>,
 ) -> End
 where
@@ -519,7 +520,11 @@ where
     let conn = Arc::new(Conn {
         device: Arc::clone(lease.entry().device()),
         limits,
-        sparse_read_min: preferred_block,
+        sparse_read_min: if sparse_reads {
+            preferred_block
+        } else {
+            u32::MAX
+        },
         pool,
     });
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
