@@ -369,6 +369,8 @@ fn fio_nbd_engine_verifies_random_and_sequential_io() {
         "--verify=crc32c",
         "--verify_fatal=1",
         "--do_verify=1",
+        // fio would otherwise leave *-verify.state files in the working directory.
+        "--verify_state_save=0",
         "--group_reporting",
     ];
     // 4 jobs = 4 connections, each on its own 32 MiB region.
