@@ -9,6 +9,8 @@ need() { # need COMMAND PACKAGE
     command -v "$1" >/dev/null 2>&1 || need_pkgs+=("$2")
 }
 need thin_check thin-provisioning-tools
+need qemu-io qemu-utils; need qemu-img qemu-utils   # NBD client tests
+need nbdinfo libnbd-bin; need nbdcopy libnbd-bin; need fio fio
 
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     echo "test.sh: installing ${need_pkgs[*]}" >&2

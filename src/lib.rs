@@ -8,6 +8,7 @@
 
 pub mod cli;
 pub mod device;
+pub mod nbd;
 pub mod pool;
 pub mod tools;
 pub mod units;
