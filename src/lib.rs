@@ -8,3 +8,4 @@
 
 pub mod device;
 pub mod units;
+pub mod vhost;
