@@ -144,11 +144,18 @@ fn read_write_patterns_many_in_flight() {
     all_ok(&wait(&mut c.queues[0], writes.len()));
     for (i, &(_, len)) in writes.iter().enumerate() {
         let got = &c.mem()[slots[i]..slots[i] + len];
-        assert!(got == pattern(i as u64, len).as_slice(), "write {i} reads back");
+        assert!(
+            got == pattern(i as u64, len).as_slice(),
+            "write {i} reads back"
+        );
     }
 
     // Scatter-gather: one request from three separate buffers.
-    let parts = [(0usize, 4096usize), (100_000, 512), (200_000, 8192 - 512)];
+    let parts = [
+        (0usize, 4096usize),
+        (100_000, 512),
+        (200_000, 8192 - 4096 - 512),
+    ];
     let mut iov = Vec::new();
     let whole = pattern(99, 8192);
     let mut pos = 0;
@@ -160,7 +167,13 @@ fn read_write_patterns_many_in_flight() {
         });
         pos += len;
     }
-    c.queues[0].writev(30 * MIB, iov.as_ptr(), iov.len() as u32, 1, ReqFlags::empty());
+    c.queues[0].writev(
+        30 * MIB,
+        iov.as_ptr(),
+        iov.len() as u32,
+        1,
+        ReqFlags::empty(),
+    );
     all_ok(&wait(&mut c.queues[0], 1));
     let p = c.ptr(1_000_000);
     c.queues[0].read(30 * MIB, p, 8192, 2, ReqFlags::empty());
@@ -230,7 +243,9 @@ fn read_only_device_is_advertised_and_reads_work() {
     let dev = Arc::new(MemDevice::new(4 * MIB, BLOCK, true));
     let server = serve(&dev, &path, 1);
     // A writable open fails: the device offers VIRTIO_BLK_F_RO.
-    let err = Client::connect(&path, 1, false).err().expect("writable open must fail");
+    let err = Client::connect(&path, 1, false)
+        .err()
+        .expect("writable open must fail");
     assert!(err.message().contains("read-only"), "{}", err.message());
     let mut c = Client::connect(&path, 1, true).unwrap();
     let p = c.ptr(0);
@@ -280,7 +295,10 @@ fn multiple_queues_run_in_parallel() {
     for qi in 0..4usize {
         let at = qi * 4 * MIB as usize;
         let want = pattern(qi as u64 + 1000, 4 * MIB as usize);
-        assert!(&c.mem()[at..at + 4 * MIB as usize] == want.as_slice(), "stripe {qi}");
+        assert!(
+            &c.mem()[at..at + 4 * MIB as usize] == want.as_slice(),
+            "stripe {qi}"
+        );
     }
     drop(c);
     server.stop().unwrap();
@@ -306,14 +324,23 @@ fn reconnect_after_the_client_goes_away() {
         let p = c.ptr(0);
         // Leave requests in flight when the client disappears.
         for i in 0..8u64 {
-            c.queues[0].write(round * MIB + i * 65536, p, 65536, i as usize, ReqFlags::empty());
+            c.queues[0].write(
+                round * MIB + i * 65536,
+                p,
+                65536,
+                i as usize,
+                ReqFlags::empty(),
+            );
         }
         all_ok(&wait(&mut c.queues[0], 1));
         drop(c);
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     while server.connections_served() < 3 {
-        assert!(Instant::now() < deadline, "server did not see the clients leave");
+        assert!(
+            Instant::now() < deadline,
+            "server did not see the clients leave"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     server.stop().unwrap();
@@ -418,7 +445,8 @@ mod raw {
                 unsafe { std::slice::from_raw_parts_mut(mem.as_mut_ptr(), mem.len()) };
             let vq = Virtqueue::new(t.iova_translator(), mem, QUEUE_SIZE, vq_features)
                 .expect("virtqueue");
-            t.setup_queues(std::slice::from_ref(&vq)).expect("setup queues");
+            t.setup_queues(std::slice::from_ref(&vq))
+                .expect("setup queues");
             let notifier = t.get_submission_notifier(0);
             RawQueue {
                 vq,
@@ -499,9 +527,24 @@ fn malformed_requests_are_refused_and_the_server_stays_up() {
     let mut q = RawQueue::connect(&path);
 
     let cases: Vec<(&str, [u8; 16], Vec<Desc>, u8)> = vec![
-        ("8-byte header", header(0, 0), vec![Desc::Header(8), Desc::Status], IOERR),
-        ("unknown type", header(0x4242, 0), vec![Desc::Header(16), Desc::Status], UNSUPP),
-        ("SCSI passthrough", header(2, 0), vec![Desc::Header(16), Desc::Status], UNSUPP),
+        (
+            "8-byte header",
+            header(0, 0),
+            vec![Desc::Header(8), Desc::Status],
+            IOERR,
+        ),
+        (
+            "unknown type",
+            header(0x4242, 0),
+            vec![Desc::Header(16), Desc::Status],
+            UNSUPP,
+        ),
+        (
+            "SCSI passthrough",
+            header(2, 0),
+            vec![Desc::Header(16), Desc::Status],
+            UNSUPP,
+        ),
         (
             "read past the end",
             header(0, MIB / 512),
@@ -529,13 +572,21 @@ fn malformed_requests_are_refused_and_the_server_stays_up() {
         (
             "read into memory the client never shared",
             header(0, 0),
-            vec![Desc::Header(16), Desc::Raw(0x10_0000, 512, true), Desc::Status],
+            vec![
+                Desc::Header(16),
+                Desc::Raw(0x10_0000, 512, true),
+                Desc::Status,
+            ],
             IOERR,
         ),
         (
             "write from memory the client never shared",
             header(1, 0),
-            vec![Desc::Header(16), Desc::Raw(0xffff_ffff_f000, 4096, false), Desc::Status],
+            vec![
+                Desc::Header(16),
+                Desc::Raw(0xffff_ffff_f000, 4096, false),
+                Desc::Status,
+            ],
             IOERR,
         ),
         (
@@ -549,7 +600,11 @@ fn malformed_requests_are_refused_and_the_server_stays_up() {
         let done = q.request(&hdr, &[0u8; 1024], &descs);
         assert_eq!(done.status(), want, "{what}");
     }
-    assert_eq!(dev.allocated_blocks(), 0, "nothing refused reached the device");
+    assert_eq!(
+        dev.allocated_blocks(),
+        0,
+        "nothing refused reached the device"
+    );
 
     // A chain without a status byte is returned unanswered, and the queue keeps working.
     let done = q.request(&header(0, 0), &[], &[Desc::Header(16)]);
@@ -577,7 +632,11 @@ fn malformed_requests_are_refused_and_the_server_stays_up() {
     for t in [1u32, 11, 13] {
         let mut seg = [0u8; 16];
         seg[8..12].copy_from_slice(&8u32.to_le_bytes());
-        let done = q.request(&header(t, 0), &seg, &[Desc::Header(16), Desc::Data(16), Desc::Status]);
+        let done = q.request(
+            &header(t, 0),
+            &seg,
+            &[Desc::Header(16), Desc::Data(16), Desc::Status],
+        );
         assert_eq!(done.status(), IOERR, "type {t} on a read-only device");
     }
     assert_eq!(ro.allocated_blocks(), 0);
@@ -601,7 +660,11 @@ fn get_id_is_the_truncated_name() {
     let dev = Arc::new(MemDevice::new(MIB, BLOCK, false));
     let server = serve(&dev, &path, 1);
     let mut q = RawQueue::connect(&path);
-    let done = q.request(&header(8, 0), &[], &[Desc::Header(16), Desc::DataIn(20), Desc::Status]);
+    let done = q.request(
+        &header(8, 0),
+        &[],
+        &[Desc::Header(16), Desc::DataIn(20), Desc::Status],
+    );
     assert_eq!(done.status(), 0);
     assert_eq!(&done.data()[..20], b"test-volume-with-a-l");
     drop(q);

@@ -43,7 +43,9 @@ use vhost_user_backend::{VhostUserBackend, VringMutex, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier};
+use vmm_sys_util::event::{
+    EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
+};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::config::{
@@ -110,8 +112,15 @@ impl QueueWorker {
     fn wait_idle(&self, queue: usize) {
         let mut n = self.in_flight.lock();
         while *n > 0 {
-            if self.idle.wait_for(&mut n, Duration::from_secs(5)).timed_out() {
-                tracing::warn!("vhost-user-blk queue {queue}: still waiting for {} requests", *n);
+            if self
+                .idle
+                .wait_for(&mut n, Duration::from_secs(5))
+                .timed_out()
+            {
+                tracing::warn!(
+                    "vhost-user-blk queue {queue}: still waiting for {} requests",
+                    *n
+                );
             }
         }
     }

@@ -171,7 +171,9 @@ pub fn config_space(geo: &BlkGeometry, block_size: u32, num_queues: u16) -> [u8;
 pub fn read_config(space: &[u8], offset: u32, size: u32) -> Vec<u8> {
     let mut out = vec![0u8; size as usize];
     let start = (offset as usize).min(space.len());
-    let end = (offset as usize).saturating_add(size as usize).min(space.len());
+    let end = (offset as usize)
+        .saturating_add(size as usize)
+        .min(space.len());
     out[..end - start].copy_from_slice(&space[start..end]);
     out
 }
@@ -192,7 +194,10 @@ mod tests {
     fn config_fields_land_at_their_offsets() {
         let geo = BlkGeometry::new(&info(1 << 30, 65536), "vm-disk");
         let c = config_space(&geo, 65536, 2);
-        assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), (1 << 30) / 512);
+        assert_eq!(
+            u64::from_le_bytes(c[0..8].try_into().unwrap()),
+            (1 << 30) / 512
+        );
         assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 512);
         assert_eq!(c[24], 7, "64 KiB = 2^7 sectors");
         assert_eq!(u16::from_le_bytes(c[26..28].try_into().unwrap()), 128);

@@ -165,7 +165,10 @@ pub fn parse(
         .map(GuestAddress)
         .filter(|&a| mem.address_in_range(a));
     let Some(status_addr) = status_addr else {
-        tracing::debug!(head, "virtio-blk request without a writable status byte in guest memory");
+        tracing::debug!(
+            head,
+            "virtio-blk request without a writable status byte in guest memory"
+        );
         return Parsed::Done(Completion { head, used_len: 0 });
     };
     let reply = |status: Status, used_len: u32, why: &str| {
@@ -365,7 +368,10 @@ fn write_stream(mem: &GuestMem, segs: &[DescSegment], data: &[u8]) -> Option<()>
 fn write_status(mem: &GuestMem, addr: GuestAddress, status: Status) {
     // The address was checked against this same memory map when the request was parsed.
     if let Err(e) = mem.write_obj(status, addr) {
-        tracing::warn!("cannot write a virtio-blk status byte at {:#x}: {e}", addr.0);
+        tracing::warn!(
+            "cannot write a virtio-blk status byte at {:#x}: {e}",
+            addr.0
+        );
     }
 }
 
@@ -466,8 +472,7 @@ mod tests {
     const STATUS: u64 = MEM_BASE + 0x200;
 
     fn setup(read_only: bool) -> (Arc<GuestMem>, MemDevice, BlkGeometry) {
-        let mem =
-            Arc::new(GuestMem::from_ranges(&[(GuestAddress(MEM_BASE), MEM_LEN)]).unwrap());
+        let mem = Arc::new(GuestMem::from_ranges(&[(GuestAddress(MEM_BASE), MEM_LEN)]).unwrap());
         let dev = MemDevice::new(1 << 20, 4096, read_only);
         let info = DeviceInfo {
             size: 1 << 20,
@@ -514,7 +519,8 @@ mod tests {
     fn write_then_read_through_split_descriptors() {
         let (mem, dev, geo) = setup(false);
         header(&mem, VIRTIO_BLK_T_OUT, 3);
-        mem.write_slice(&[0xabu8; 1024], GuestAddress(DATA)).unwrap();
+        mem.write_slice(&[0xabu8; 1024], GuestAddress(DATA))
+            .unwrap();
         // Header split over two descriptors, data over two: no framing assumption.
         let chain = [
             seg(HDR, 10, false),
@@ -524,13 +530,23 @@ mod tests {
             seg(STATUS, 1, true),
         ];
         let c = run(parse(&mem, 7, chain, &geo), &dev);
-        assert_eq!(c, Completion { head: 7, used_len: 1 });
+        assert_eq!(
+            c,
+            Completion {
+                head: 7,
+                used_len: 1
+            }
+        );
         assert_eq!(status(&mem), S_OK);
 
         header(&mem, VIRTIO_BLK_T_IN, 3);
         mem.write_slice(&[0u8; 1024], GuestAddress(DATA)).unwrap();
         // Data-in and status share the last descriptor.
-        let chain = [seg(HDR, 16, false), seg(DATA, 1000, true), seg(DATA + 1000, 25, true)];
+        let chain = [
+            seg(HDR, 16, false),
+            seg(DATA, 1000, true),
+            seg(DATA + 1000, 25, true),
+        ];
         let status_at = DATA + 1024;
         let c = run(parse(&mem, 1, chain, &geo), &dev);
         assert_eq!(c.used_len, 1025);
@@ -544,34 +560,62 @@ mod tests {
     fn malformed_requests_get_ioerr_or_unsupp() {
         let (mem, dev, geo) = setup(false);
         let cases: Vec<(&str, u32, u64, Vec<DescSegment>, u8)> = vec![
-            ("short header", VIRTIO_BLK_T_IN, 0, vec![seg(HDR, 8, false), seg(STATUS, 1, true)], S_IOERR),
-            ("unknown type", 0x77, 0, vec![seg(HDR, 16, false), seg(STATUS, 1, true)], S_UNSUPP),
+            (
+                "short header",
+                VIRTIO_BLK_T_IN,
+                0,
+                vec![seg(HDR, 8, false), seg(STATUS, 1, true)],
+                S_IOERR,
+            ),
+            (
+                "unknown type",
+                0x77,
+                0,
+                vec![seg(HDR, 16, false), seg(STATUS, 1, true)],
+                S_UNSUPP,
+            ),
             (
                 "read past the end",
                 VIRTIO_BLK_T_IN,
                 (1 << 20) / 512 - 1,
-                vec![seg(HDR, 16, false), seg(DATA, 1024, true), seg(STATUS, 1, true)],
+                vec![
+                    seg(HDR, 16, false),
+                    seg(DATA, 1024, true),
+                    seg(STATUS, 1, true),
+                ],
                 S_IOERR,
             ),
             (
                 "sector overflow",
                 VIRTIO_BLK_T_OUT,
                 u64::MAX / 4,
-                vec![seg(HDR, 16, false), seg(DATA, 512, false), seg(STATUS, 1, true)],
+                vec![
+                    seg(HDR, 16, false),
+                    seg(DATA, 512, false),
+                    seg(STATUS, 1, true),
+                ],
                 S_IOERR,
             ),
             (
                 "partial sector",
                 VIRTIO_BLK_T_OUT,
                 0,
-                vec![seg(HDR, 16, false), seg(DATA, 100, false), seg(STATUS, 1, true)],
+                vec![
+                    seg(HDR, 16, false),
+                    seg(DATA, 100, false),
+                    seg(STATUS, 1, true),
+                ],
                 S_IOERR,
             ),
             (
                 "data outside guest memory",
                 VIRTIO_BLK_T_IN,
                 0,
-                vec![seg(HDR, 16, false), seg(0xdead_0000_0000, 512, true), seg(STATUS, 1, true)],
+                vec![
+                    seg(HDR, 16, false),
+                    seg(0xdead_0000_0000, 512, true),
+                    seg(STATUS, 1, true),
+                ],
                 S_IOERR,
             ),
             (
@@ -596,7 +640,11 @@ mod tests {
                 "readable after writable",
                 VIRTIO_BLK_T_IN,
                 0,
-                vec![seg(DATA, 512, true), seg(HDR, 16, false), seg(STATUS, 1, true)],
+                vec![
+                    seg(DATA, 512, true),
+                    seg(HDR, 16, false),
+                    seg(STATUS, 1, true),
+                ],
                 S_IOERR,
             ),
         ];
@@ -607,7 +655,11 @@ mod tests {
             assert_eq!(status(&mem), want, "{what}");
             assert_eq!(c.used_len, 1, "{what}");
         }
-        assert_eq!(dev.allocated_blocks(), 0, "no refused request reached the device");
+        assert_eq!(
+            dev.allocated_blocks(),
+            0,
+            "no refused request reached the device"
+        );
     }
 
     #[test]
@@ -615,26 +667,55 @@ mod tests {
         let (mem, dev, geo) = setup(false);
         header(&mem, VIRTIO_BLK_T_IN, 0);
         let c = run(parse(&mem, 3, [seg(HDR, 16, false)], &geo), &dev);
-        assert_eq!(c, Completion { head: 3, used_len: 0 });
+        assert_eq!(
+            c,
+            Completion {
+                head: 3,
+                used_len: 0
+            }
+        );
         let c = run(
-            parse(&mem, 4, [seg(HDR, 16, false), seg(0xdead_0000, 1, true)], &geo),
+            parse(
+                &mem,
+                4,
+                [seg(HDR, 16, false), seg(0xdead_0000, 1, true)],
+                &geo,
+            ),
             &dev,
         );
-        assert_eq!(c, Completion { head: 4, used_len: 0 });
+        assert_eq!(
+            c,
+            Completion {
+                head: 4,
+                used_len: 0
+            }
+        );
     }
 
     #[test]
     fn read_only_refuses_every_write_kind() {
         let (mem, dev, geo) = setup(true);
-        for t in [VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
+        for t in [
+            VIRTIO_BLK_T_OUT,
+            VIRTIO_BLK_T_DISCARD,
+            VIRTIO_BLK_T_WRITE_ZEROES,
+        ] {
             header(&mem, t, 0);
             mem.write_slice(&[0u8; 16], GuestAddress(DATA)).unwrap();
-            let chain = [seg(HDR, 16, false), seg(DATA, 512, false), seg(STATUS, 1, true)];
+            let chain = [
+                seg(HDR, 16, false),
+                seg(DATA, 512, false),
+                seg(STATUS, 1, true),
+            ];
             run(parse(&mem, 0, chain, &geo), &dev);
             assert_eq!(status(&mem), S_IOERR, "type {t}");
         }
         header(&mem, VIRTIO_BLK_T_IN, 0);
-        let chain = [seg(HDR, 16, false), seg(DATA, 512, true), seg(STATUS, 1, true)];
+        let chain = [
+            seg(HDR, 16, false),
+            seg(DATA, 512, true),
+            seg(STATUS, 1, true),
+        ];
         run(parse(&mem, 0, chain, &geo), &dev);
         assert_eq!(status(&mem), S_OK, "reads still work");
     }
@@ -658,40 +739,59 @@ mod tests {
         list.extend_from_slice(&segment(64, 32, 0));
         mem.write_slice(&list, GuestAddress(DATA)).unwrap();
         header(&mem, VIRTIO_BLK_T_DISCARD, 0);
-        let chain = [seg(HDR, 16, false), seg(DATA, 32, false), seg(STATUS, 1, true)];
+        let chain = [
+            seg(HDR, 16, false),
+            seg(DATA, 32, false),
+            seg(STATUS, 1, true),
+        ];
         run(parse(&mem, 0, chain, &geo), &dev);
         assert_eq!(status(&mem), S_OK);
         assert_eq!(dev.allocated_blocks(), 8);
 
         // Write-zeroes with unmap frees, without unmap keeps the blocks.
-        mem.write_slice(&segment(32, 8, SEGMENT_FLAG_UNMAP), GuestAddress(DATA)).unwrap();
+        mem.write_slice(&segment(32, 8, SEGMENT_FLAG_UNMAP), GuestAddress(DATA))
+            .unwrap();
         header(&mem, VIRTIO_BLK_T_WRITE_ZEROES, 0);
-        let chain = [seg(HDR, 16, false), seg(DATA, 16, false), seg(STATUS, 1, true)];
+        let chain = [
+            seg(HDR, 16, false),
+            seg(DATA, 16, false),
+            seg(STATUS, 1, true),
+        ];
         run(parse(&mem, 0, chain, &geo), &dev);
         assert_eq!(status(&mem), S_OK);
         assert_eq!(dev.allocated_blocks(), 7);
-        mem.write_slice(&segment(40, 8, 0), GuestAddress(DATA)).unwrap();
+        mem.write_slice(&segment(40, 8, 0), GuestAddress(DATA))
+            .unwrap();
         run(parse(&mem, 0, chain, &geo), &dev);
         assert_eq!(status(&mem), S_OK);
         assert_eq!(dev.allocated_blocks(), 7);
 
         // Flags: unmap on discard and unknown bits are unsupported.
         for (t, flags) in [(VIRTIO_BLK_T_DISCARD, 1), (VIRTIO_BLK_T_WRITE_ZEROES, 2)] {
-            mem.write_slice(&segment(0, 8, flags), GuestAddress(DATA)).unwrap();
+            mem.write_slice(&segment(0, 8, flags), GuestAddress(DATA))
+                .unwrap();
             header(&mem, t, 0);
             run(parse(&mem, 0, chain, &geo), &dev);
             assert_eq!(status(&mem), S_UNSUPP);
         }
         // Bad lists: not a multiple of 16, too long a segment, past the end.
         header(&mem, VIRTIO_BLK_T_DISCARD, 0);
-        let short = [seg(HDR, 16, false), seg(DATA, 15, false), seg(STATUS, 1, true)];
+        let short = [
+            seg(HDR, 16, false),
+            seg(DATA, 15, false),
+            seg(STATUS, 1, true),
+        ];
         run(parse(&mem, 0, short, &geo), &dev);
         assert_eq!(status(&mem), S_IOERR);
-        mem.write_slice(&segment(0, geo.max_discard_sectors + 1, 0), GuestAddress(DATA))
-            .unwrap();
+        mem.write_slice(
+            &segment(0, geo.max_discard_sectors + 1, 0),
+            GuestAddress(DATA),
+        )
+        .unwrap();
         run(parse(&mem, 0, chain, &geo), &dev);
         assert_eq!(status(&mem), S_IOERR);
-        mem.write_slice(&segment(2040, 16, 0), GuestAddress(DATA)).unwrap();
+        mem.write_slice(&segment(2040, 16, 0), GuestAddress(DATA))
+            .unwrap();
         run(parse(&mem, 0, chain, &geo), &dev);
         assert_eq!(status(&mem), S_IOERR);
         assert_eq!(dev.allocated_blocks(), 7);
@@ -701,7 +801,11 @@ mod tests {
     fn get_id_returns_the_truncated_name() {
         let (mem, dev, geo) = setup(false);
         header(&mem, VIRTIO_BLK_T_GET_ID, 0);
-        let chain = [seg(HDR, 16, false), seg(DATA, 20, true), seg(STATUS, 1, true)];
+        let chain = [
+            seg(HDR, 16, false),
+            seg(DATA, 20, true),
+            seg(STATUS, 1, true),
+        ];
         let c = run(parse(&mem, 0, chain, &geo), &dev);
         assert_eq!(c.used_len, 21);
         let mut id = [0u8; 20];
@@ -713,8 +817,17 @@ mod tests {
     fn flush_succeeds() {
         let (mem, dev, geo) = setup(false);
         header(&mem, VIRTIO_BLK_T_FLUSH, 0);
-        let c = run(parse(&mem, 9, [seg(HDR, 16, false), seg(STATUS, 1, true)], &geo), &dev);
-        assert_eq!(c, Completion { head: 9, used_len: 1 });
+        let c = run(
+            parse(&mem, 9, [seg(HDR, 16, false), seg(STATUS, 1, true)], &geo),
+            &dev,
+        );
+        assert_eq!(
+            c,
+            Completion {
+                head: 9,
+                used_len: 1
+            }
+        );
         assert_eq!(status(&mem), S_OK);
     }
 }
