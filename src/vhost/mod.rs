@@ -341,5 +341,12 @@ fn serve_one<D: BlockDevice>(
     backend.wait_idle();
     stop_queue_threads();
     tracing::info!("vhost-user-blk {}: front-end disconnected", config.name);
-    result.map_err(|e| e.to_string())
+    match result {
+        // The front-end closing its socket is how every connection ends.
+        Ok(())
+        | Err(vhost_user_backend::Error::HandleRequest(
+            vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+        )) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
 }
