@@ -4,9 +4,13 @@
 //! name without extension.
 //!
 //! ```text
-//! vhost-serve --socket PATH [--socket PATH2 ...] (--mem SIZE | --file IMAGE [--file IMAGE2 ...])
+//! vhost-serve --socket PATH [--socket PATH2 ...]
+//!             (--mem SIZE | --null SIZE | --file IMAGE [--file IMAGE2 ...])
 //!             [--block-size BYTES] [--queues N] [--read-only] [--dispatch queue|runtime]
 //! ```
+//!
+//! `--null` is a device that does nothing (reads leave the buffer as it is, writes are dropped):
+//! it measures the vhost layer's own cost, like qemu-storage-daemon's `null-co` driver.
 //!
 //! `--file` is a simple positional-I/O device (pread/pwrite, fdatasync, hole punching) run as
 //! tokio tasks (`--dispatch runtime` is implied): good enough for the end-to-end VM test of the
@@ -139,6 +143,46 @@ impl BlockDevice for FileDevice {
     }
 }
 
+/// A device that does no I/O: the cost of the protocol alone.
+struct NullDevice {
+    info: DeviceInfo,
+}
+
+impl BlockDevice for NullDevice {
+    fn info(&self) -> DeviceInfo {
+        self.info.clone()
+    }
+
+    async fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> DevResult<()> {
+        check_range(offset, iov_len(bufs), self.info.size)
+    }
+
+    async fn write(&self, offset: u64, bufs: &[IoSlice<'_>], _fua: bool) -> DevResult<()> {
+        check_range(offset, iov_len(bufs), self.info.size)
+    }
+
+    async fn flush(&self) -> DevResult<()> {
+        Ok(())
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> DevResult<()> {
+        check_range(offset, len, self.info.size)
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, _: bool, _: bool) -> DevResult<()> {
+        check_range(offset, len, self.info.size)
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> DevResult<Vec<Extent>> {
+        check_range(offset, len, self.info.size)?;
+        Ok(vec![Extent {
+            len,
+            allocated: true,
+            zero: false,
+        }])
+    }
+}
+
 fn parse_size(s: &str) -> anyhow::Result<u64> {
     let (num, mult) = match s.chars().last() {
         Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
@@ -160,6 +204,7 @@ fn main() -> anyhow::Result<()> {
     let mut sockets = Vec::new();
     let mut files = Vec::new();
     let mut mem_size = None;
+    let mut null_size = None;
     let mut block_size = 65536u32;
     let mut queues = 1u16;
     let mut read_only = false;
@@ -171,6 +216,7 @@ fn main() -> anyhow::Result<()> {
             "--socket" => sockets.push(PathBuf::from(value()?)),
             "--file" => files.push(PathBuf::from(value()?)),
             "--mem" => mem_size = Some(parse_size(&value()?)?),
+            "--null" => null_size = Some(parse_size(&value()?)?),
             "--block-size" => block_size = u32::try_from(parse_size(&value()?)?)?,
             "--queues" => queues = value()?.parse().context("--queues")?,
             "--read-only" => read_only = true,
@@ -207,7 +253,14 @@ fn main() -> anyhow::Result<()> {
         let cfg = VhostUserBlkConfig::new(&name)
             .with_queues(queues)
             .with_dispatch(dispatch.clone());
-        let server = if let Some(size) = mem_size {
+        let server = if let Some(size) = null_size {
+            let info = DeviceInfo {
+                size,
+                read_only,
+                block_size,
+            };
+            VhostUserBlkServer::start(Arc::new(NullDevice { info }), socket, cfg)?
+        } else if let Some(size) = mem_size {
             let dev = Arc::new(MemDevice::new(size, block_size, read_only));
             VhostUserBlkServer::start(dev, socket, cfg)?
         } else {
