@@ -670,3 +670,92 @@ fn get_id_is_the_truncated_name() {
     drop(q);
     server.stop().unwrap();
 }
+
+/// A MemDevice whose writes take a while, to have requests in flight when the server stops.
+struct SlowDevice(MemDevice, std::sync::atomic::AtomicUsize);
+
+impl uthin::device::BlockDevice for SlowDevice {
+    fn info(&self) -> uthin::device::DeviceInfo {
+        self.0.info()
+    }
+    async fn read(
+        &self,
+        offset: u64,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+    ) -> uthin::device::DevResult<()> {
+        self.0.read(offset, bufs).await
+    }
+    async fn write(
+        &self,
+        offset: u64,
+        bufs: &[std::io::IoSlice<'_>],
+        fua: bool,
+    ) -> uthin::device::DevResult<()> {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.0.write(offset, bufs, fua).await
+    }
+    async fn flush(&self) -> uthin::device::DevResult<()> {
+        self.0.flush().await
+    }
+    async fn discard(&self, offset: u64, len: u64) -> uthin::device::DevResult<()> {
+        self.0.discard(offset, len).await
+    }
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        fast_only: bool,
+    ) -> uthin::device::DevResult<()> {
+        self.0.write_zeroes(offset, len, may_unmap, fast_only).await
+    }
+    async fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> uthin::device::DevResult<Vec<uthin::device::Extent>> {
+        self.0.block_status(offset, len).await
+    }
+}
+
+#[test]
+fn stop_completes_requests_in_flight_before_disconnecting() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_time()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket_in(&dir);
+    let dev = Arc::new(SlowDevice(
+        MemDevice::new(8 * MIB, BLOCK, false),
+        std::sync::atomic::AtomicUsize::new(0),
+    ));
+    // Device futures sleep on tokio's timer while polled on the queue thread.
+    let cfg = VhostUserBlkConfig::new("slow")
+        .with_dispatch(Dispatch::QueueThread(Some(rt.handle().clone())));
+    let server = VhostUserBlkServer::start(Arc::clone(&dev), &path, cfg).unwrap();
+    let mut c = Client::connect(&path, 1, false).unwrap();
+    c.mem()[..65536].fill(0x11);
+    let p = c.ptr(0);
+    for i in 0..16u64 {
+        c.queues[0].write(i * 65536, p, 65536, i as usize, ReqFlags::empty());
+    }
+    // Submit (do_io with min 0 kicks the device), then stop while the writes sleep.
+    let mut none: Vec<MaybeUninit<Completion>> = Vec::new();
+    c.queues[0].do_io(&mut none, 0, None, None).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dev.1.load(std::sync::atomic::Ordering::SeqCst) < 16 {
+        assert!(
+            Instant::now() < deadline,
+            "the writes never reached the device"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(dev.0.allocated_blocks(), 0, "the writes are still sleeping");
+    server.stop().unwrap();
+    // Every write taken before the stop completed, on the device and on the used ring.
+    assert_eq!(dev.0.allocated_blocks(), 16);
+    all_ok(&wait(&mut c.queues[0], 16));
+}

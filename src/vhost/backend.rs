@@ -136,6 +136,8 @@ pub struct BlkBackend<D: BlockDevice> {
     mem: AtomicGuestMem,
     queues: Vec<QueueWorker>,
     dispatch: Dispatch,
+    /// Set by `quiesce`: kicks are ignored, chains stay in the avail ring.
+    quiesced: AtomicBool,
 }
 
 impl<D: BlockDevice> BlkBackend<D> {
@@ -157,6 +159,7 @@ impl<D: BlockDevice> BlkBackend<D> {
             mem,
             queues,
             dispatch: cfg.dispatch.clone(),
+            quiesced: AtomicBool::new(false),
         })
     }
 
@@ -169,6 +172,19 @@ impl<D: BlockDevice> BlkBackend<D> {
     /// The epoll token of the completion eventfd: past the queue tokens, as the handler requires.
     pub fn completion_event_id(&self) -> u64 {
         self.queues.len() as u64 + 1
+    }
+
+    /// Stops taking chains from the rings: after this returns, no new request starts (chains
+    /// the driver adds stay in the avail ring for whoever serves the rings next). Together with
+    /// [`Self::wait_idle`] this lets a server hand the rings back with every popped request
+    /// completed, so the front-end resumes exactly at the used index after a reconnect.
+    pub fn quiesce(&self) {
+        self.quiesced.store(true, Ordering::Release);
+        for q in &self.queues {
+            // A pop in progress holds the executor lock and counts its chains before releasing
+            // it; once we have held the lock, every later pop sees the flag.
+            drop(q.executor.lock());
+        }
     }
 
     /// Waits until no request of any queue is in flight.
@@ -197,10 +213,16 @@ impl<D: BlockDevice> BlkBackend<D> {
     }
 
     /// Pops and starts every available chain of `vring`; returns the requests answered at once.
+    /// Every popped chain counts as in flight until its used-ring entry is written.
     fn process_queue(&self, worker: &QueueWorker, vring: &Vring) -> Vec<Completion> {
-        let mem = self.mem.memory().into_inner();
         let mut answered = Vec::new();
-        let mut started = Vec::new();
+        // Held while popping: `quiesce` takes it to know that no pop is under way.
+        let executor = worker.executor.lock();
+        if self.quiesced.load(Ordering::Acquire) {
+            return answered;
+        }
+        let mem = self.mem.memory().into_inner();
+        let mut popped = 0usize;
         {
             let mut state = vring.get_mut();
             loop {
@@ -208,6 +230,7 @@ impl<D: BlockDevice> BlkBackend<D> {
                     tracing::warn!("vhost-user-blk: cannot disable notifications: {e}");
                 }
                 while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) {
+                    popped += 1;
                     let head = chain.head_index();
                     let segments = chain.map(|d| DescSegment {
                         addr: d.addr(),
@@ -216,7 +239,7 @@ impl<D: BlockDevice> BlkBackend<D> {
                     });
                     match parse(&mem, head, segments, &self.geo) {
                         Parsed::Done(c) => answered.push(c),
-                        Parsed::Io(req) => started.push(self.start(req)),
+                        Parsed::Io(req) => executor.push(self.start(req)),
                     }
                 }
                 match state.enable_notification() {
@@ -229,19 +252,14 @@ impl<D: BlockDevice> BlkBackend<D> {
                 }
             }
         }
-        if !started.is_empty() {
-            *worker.in_flight.lock() += started.len();
-            let executor = worker.executor.lock();
-            for f in started {
-                executor.push(f);
-            }
+        if popped > 0 {
+            *worker.in_flight.lock() += popped;
         }
         answered
     }
 
     /// Polls the queue's executor, puts everything finished on the used ring and notifies.
     fn reap(&self, worker: &QueueWorker, vring: &Vring, mut done: Vec<Completion>) {
-        let mut finished_io = 0usize;
         {
             worker.wake.pending.store(false, Ordering::Release);
             let mut cx = Context::from_waker(&worker.waker);
@@ -252,7 +270,6 @@ impl<D: BlockDevice> BlkBackend<D> {
             let mut executor = worker.executor.lock();
             while let Poll::Ready(Some(c)) = executor.poll_next_unpin(&mut cx) {
                 done.push(c);
-                finished_io += 1;
             }
         }
         if !done.is_empty() {
@@ -270,9 +287,9 @@ impl<D: BlockDevice> BlkBackend<D> {
                 }
             }
         }
-        if finished_io > 0 {
+        if !done.is_empty() {
             let mut n = worker.in_flight.lock();
-            *n -= finished_io;
+            *n = n.saturating_sub(done.len());
             if *n == 0 {
                 worker.idle.notify_all();
             }

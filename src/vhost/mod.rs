@@ -135,11 +135,19 @@ pub enum VhostError {
     Panicked(PathBuf),
 }
 
+/// The live connection, as the stopping side sees it.
+struct Connection {
+    /// Closes the vhost-user socket.
+    shutdown: ShutdownHandle,
+    /// Stops taking new requests and waits for those in flight.
+    drain: Box<dyn Fn() + Send + Sync>,
+}
+
 /// State shared between a server's thread and its handle.
 struct Shared {
     stop: AtomicBool,
     stop_event: EventFd,
-    connection: Mutex<Option<ShutdownHandle>>,
+    connection: Mutex<Option<Connection>>,
     connections_served: AtomicU64,
 }
 
@@ -197,8 +205,11 @@ impl VhostUserBlkServer {
         self.shared.connections_served.load(Ordering::Acquire)
     }
 
-    /// Disconnects the current front-end (if any) after its in-flight requests finish, stops
-    /// listening and removes the socket file. For live removal of a volume and for shutdown.
+    /// Stops taking requests, lets those in flight finish, disconnects the front-end (if any),
+    /// stops listening and removes the socket file. For live removal of a volume and for
+    /// shutdown. Because every request taken from the rings has completed before the socket
+    /// closes, a front-end that reconnects (QEMU `reconnect=N`) to the next server on this path
+    /// resumes exactly where this one stopped, although INFLIGHT_SHMFD is not offered.
     pub fn stop(mut self) -> Result<(), VhostError> {
         self.request_stop();
         match self.thread.take().map(JoinHandle::join) {
@@ -213,7 +224,8 @@ impl VhostUserBlkServer {
             tracing::error!("cannot signal the vhost-user-blk server to stop: {e}");
         }
         if let Some(conn) = self.shared.connection.lock().as_ref() {
-            conn.shutdown();
+            (conn.drain)();
+            conn.shutdown.shutdown();
         }
     }
 }
@@ -324,14 +336,23 @@ fn serve_one<D: BlockDevice>(
         stop_queue_threads();
         return Err(format!("cannot accept: {e}"));
     }
-    {
-        let mut conn = shared.connection.lock();
-        *conn = daemon.shutdown_handle();
+    if let Some(shutdown) = daemon.shutdown_handle() {
+        let drained = Arc::clone(&backend);
+        let conn = Connection {
+            shutdown,
+            drain: Box::new(move || {
+                drained.quiesce();
+                drained.wait_idle();
+            }),
+        };
+        let mut slot = shared.connection.lock();
+        // A stop requested while we were accepting found no connection to close: close it here.
+        // (`request_stop` sets the flag before taking this lock, so one of us sees the other.)
         if shared.stop.load(Ordering::Acquire) {
-            if let Some(c) = conn.as_ref() {
-                c.shutdown();
-            }
+            (conn.drain)();
+            conn.shutdown.shutdown();
         }
+        *slot = Some(conn);
     }
     tracing::info!("vhost-user-blk {}: front-end connected", config.name);
     let result = daemon.wait();
