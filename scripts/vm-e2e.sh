@@ -217,6 +217,11 @@ create)
     ;;
 modify)
     mount -t ext4 /dev/vda /mnt || result fail "mount"
+    # The host restarts the server while these synchronous writes run (QEMU reconnects).
+    echo "UTHIN-E2E-WRITING"
+    for n in $(seq 1 16); do
+        dd if=/dev/urandom of=/mnt/churn$n bs=256k count=4 conv=fsync 2>/dev/null || result fail "write churn$n"
+    done
     dd if=/dev/urandom of=/mnt/big bs=1M count=4 seek=10 conv=notrunc 2>/dev/null || result fail "overwrite big"
     dd if=/dev/urandom of=/mnt/small/f7 bs=1k count=3 2>/dev/null
     rm -f /mnt/doomed
@@ -324,12 +329,16 @@ backend_snapshot() { "${BACKEND}_snapshot" "$@"; VOLUMES="$VOLUMES $2"; }
 # boot PHASE VOLUME [EXPECTED_SUMS_FILE]: boots, checks the result marker, writes the guest's
 # file checksums to $WORK/sums.VOLUME.PHASE.N and, if given, compares them with the expected.
 BOOTS=0
+# With RESTART_DURING_BOOT=1 the server is restarted while the guest writes (after it prints
+# UTHIN-E2E-WRITING): QEMU's reconnect=1 brings the disk back and the guest must not notice.
+RESTART_DURING_BOOT=0
 boot() {
-    local phase=$1 vol=$2 expect=${3:-} console sums start
+    local phase=$1 vol=$2 expect=${3:-} console sums start qemu_pid i connects
     BOOTS=$((BOOTS + 1))
     console=$WORK/console.$BOOTS.$phase.$vol.log
     sums=$WORK/sums.$BOOTS.$vol
     start=$(date +%s)
+    : >"$console"
     timeout "$BOOT_TIMEOUT" "$QEMU" "${QEMU_FW[@]}" -accel tcg -m 512M -smp 2 \
         -object memory-backend-memfd,id=mem,size=512M,share=on -machine pc,memory-backend=mem \
         -nodefaults -display none -no-reboot -serial "file:$console" \
@@ -337,11 +346,33 @@ boot() {
         -append "console=ttyS0 panic=-1 quiet uthin.phase=$phase" \
         -chardev "socket,id=vu0,path=$WORK/$vol.sock,reconnect=1" \
         -device vhost-user-blk-pci,chardev=vu0,num-queues=2 \
-        >"$WORK/qemu.$BOOTS.log" 2>&1 || {
+        >"$WORK/qemu.$BOOTS.log" 2>&1 &
+    qemu_pid=$!
+    if [ "$RESTART_DURING_BOOT" = 1 ]; then
+        i=0
+        until grep -q "^UTHIN-E2E-WRITING" "$console" 2>/dev/null; do
+            i=$((i + 1))
+            { [ $i -gt $((BOOT_TIMEOUT * 10)) ] || ! kill -0 $qemu_pid 2>/dev/null; } && break
+            sleep 0.1
+        done
+        grep -q "^UTHIN-E2E-WRITING" "$console" || die "boot $BOOTS: the guest never started writing"
+        connects=$(grep -c "front-end connected" "$WORK/server.log" || true)
+        log "boot $BOOTS: restarting the server while the guest writes"
+        backend_stop
+        backend_start
+    fi
+    wait $qemu_pid || {
         cat "$WORK/qemu.$BOOTS.log" >&2
         tail -30 "$console" >&2 || true
         die "boot $BOOTS ($phase $vol): QEMU failed or timed out"
     }
+    if [ "$RESTART_DURING_BOOT" = 1 ]; then
+        # The log says whether QEMU came back (servers that log connections, as uthin's do).
+        if [ "$connects" -gt 0 ] &&
+            [ "$(grep -c "front-end connected" "$WORK/server.log")" -le "$connects" ]; then
+            die "boot $BOOTS: QEMU did not reconnect after the server restart"
+        fi
+    fi
     if ! grep -q "^UTHIN-E2E-RESULT ok" "$console"; then
         tail -40 "$console" >&2
         die "boot $BOOTS ($phase $vol): $(grep -a '^UTHIN-E2E-RESULT' "$console" || echo 'no result')"
@@ -385,7 +416,7 @@ main() {
     backend_snapshot vol0 snap0
     backend_stop
     backend_start
-    boot modify vol0
+    RESTART_DURING_BOOT=1 boot modify vol0
     sums_b=$LAST_SUMS
     cmp -s "$sums_a" "$sums_b" && die "modify changed nothing"
     boot verify snap0 "$sums_a" # the snapshot keeps the old contents
