@@ -151,7 +151,7 @@ done
 # Median IOPS and MiB/s per peer and phase, then the ratios.
 echo
 printf "%-16s" "phase"
-for peer in $PEERS; do printf "%22s" "$peer IOPS (MiB/s)"; done
+for peer in $PEERS; do printf "%26s" "$peer IOPS (MiB/s)"; done
 echo
 median() { sort -n | awk '{a[NR]=$1} END {if (NR % 2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 for phase in randwrite-fresh randwrite-over randread seqwrite-1m seqread-1m; do
@@ -160,7 +160,7 @@ for phase in randwrite-fresh randwrite-over randread seqwrite-1m seqread-1m; do
         iops=$(awk -v p="$peer" -v f="$phase" '$1==p && $2==f {print $3}' "$RESULTS" | median)
         mibs=$(awk -v p="$peer" -v f="$phase" '$1==p && $2==f {print $4}' "$RESULTS" | median)
         eval "M_${peer//-/_}_${phase//-/_}=$iops"
-        printf "%22s" "$iops ($mibs)"
+        printf "%26s" "$iops ($mibs)"
     done
     echo
 done
