@@ -62,6 +62,7 @@ fetch_and_unpack() { # fetch_and_unpack "pkg..." DEST
 # anything.
 install_library_deps() { # install_library_deps PKG
     local libs missing=() l
+    apt-cache show "$1" >/dev/null 2>&1 || apt_update_once
     libs=$(apt-cache depends --no-recommends --no-suggests "$1" |
         awk '/^ *Depends: lib|^ *Depends: zlib/ {print $2}' | tr -d '<>' | sort -u)
     for l in $libs; do
