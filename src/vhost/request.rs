@@ -30,6 +30,7 @@
 use std::io::{IoSlice, IoSliceMut};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures_util::FutureExt;
 use virtio_bindings::virtio_blk::{
@@ -375,6 +376,39 @@ fn write_status(mem: &GuestMem, addr: GuestAddress, status: Status) {
     }
 }
 
+/// Lets through at most one log line per second, counting the lines it held back: a full pool
+/// fails every write, and the log must not grow by one line per request.
+struct LogLimiter {
+    last_second: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+static DEVICE_ERROR_LOG: LogLimiter = LogLimiter {
+    last_second: AtomicU64::new(0),
+    suppressed: AtomicU64::new(0),
+};
+
+impl LogLimiter {
+    /// Some(number held back since the last line) if this line may be logged.
+    fn admit(&self) -> Option<u64> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = self.last_second.load(Ordering::Relaxed);
+        if now != last
+            && self
+                .last_second
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
 impl IoRequest {
     /// Head descriptor index of the chain.
     pub fn head(&self) -> u16 {
@@ -390,7 +424,12 @@ impl IoRequest {
         let status = match result {
             Ok(Ok(())) => S_OK,
             Ok(Err(e)) => {
-                tracing::warn!("virtio-blk {}: {e}", self.op.describe());
+                if let Some(suppressed) = DEVICE_ERROR_LOG.admit() {
+                    tracing::warn!(
+                        "virtio-blk {}: {e} ({suppressed} similar errors not logged)",
+                        self.op.describe()
+                    );
+                }
                 S_IOERR
             }
             Err(_) => {
@@ -811,6 +850,18 @@ mod tests {
         let mut id = [0u8; 20];
         mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
         assert_eq!(&id, b"serial-0123456789abc");
+    }
+
+    #[test]
+    fn device_error_logging_is_rate_limited() {
+        let limiter = LogLimiter {
+            last_second: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        };
+        assert_eq!(limiter.admit(), Some(0), "the first error is logged");
+        let admitted = (0..1000).filter(|_| limiter.admit().is_some()).count();
+        // At most one more line if the second changed during the loop.
+        assert!(admitted <= 1, "{admitted} lines in one burst");
     }
 
     #[test]
