@@ -759,3 +759,33 @@ fn stop_completes_requests_in_flight_before_disconnecting() {
     assert_eq!(dev.0.allocated_blocks(), 16);
     all_ok(&wait(&mut c.queues[0], 16));
 }
+
+#[test]
+fn garbage_on_the_socket_ends_only_that_connection() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket_in(&dir);
+    let dev = Arc::new(MemDevice::new(MIB, BLOCK, false));
+    let server = serve(&dev, &path, 1);
+    // A vhost-user header announcing a huge payload, then noise; and a message type that does
+    // not exist; and a connection that closes mid-header.
+    let mut huge = vec![0u8; 12];
+    huge[0..4].copy_from_slice(&1u32.to_le_bytes()); // GET_FEATURES
+    huge[4..8].copy_from_slice(&1u32.to_le_bytes()); // version 1
+    huge[8..12].copy_from_slice(&u32::MAX.to_le_bytes()); // payload size
+    huge.extend_from_slice(&[0xa5; 64]);
+    let mut unknown = vec![0u8; 12];
+    unknown[0..4].copy_from_slice(&9999u32.to_le_bytes());
+    unknown[4..8].copy_from_slice(&1u32.to_le_bytes());
+    for bytes in [huge, unknown, vec![1, 0, 0]] {
+        let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        let _ = s.write_all(&bytes);
+        drop(s);
+    }
+    let mut c = Client::connect(&path, 1, false).unwrap();
+    let p = c.ptr(0);
+    c.queues[0].read(0, p, 4096, 0, ReqFlags::empty());
+    all_ok(&wait(&mut c.queues[0], 1));
+    drop(c);
+    server.stop().unwrap();
+}
