@@ -20,7 +20,16 @@ fn socket_in(dir: &tempfile::TempDir) -> PathBuf {
     dir.path().join("vol.sock")
 }
 
+/// Logs go to the test output with RUST_LOG (e.g. `RUST_LOG=uthin=debug`).
+fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
 fn serve(dev: &Arc<MemDevice>, path: &Path, queues: u16) -> VhostUserBlkServer {
+    init_logging();
     let cfg = VhostUserBlkConfig::new("test-volume-with-a-long-name").with_queues(queues);
     VhostUserBlkServer::start(Arc::clone(dev), path, cfg).expect("server starts")
 }
@@ -749,7 +758,8 @@ fn stop_completes_requests_in_flight_before_disconnecting() {
     while dev.1.load(std::sync::atomic::Ordering::SeqCst) < 16 {
         assert!(
             Instant::now() < deadline,
-            "the writes never reached the device"
+            "the writes never reached the device ({} of 16)",
+            dev.1.load(std::sync::atomic::Ordering::SeqCst)
         );
         std::thread::sleep(Duration::from_millis(1));
     }

@@ -221,7 +221,6 @@ impl<D: BlockDevice> BlkBackend<D> {
         if self.quiesced.load(Ordering::Acquire) {
             return answered;
         }
-        let mem = self.mem.memory().into_inner();
         let mut popped = 0usize;
         {
             let mut state = vring.get_mut();
@@ -229,7 +228,14 @@ impl<D: BlockDevice> BlkBackend<D> {
                 if let Err(e) = state.disable_notification() {
                     tracing::warn!("vhost-user-blk: cannot disable notifications: {e}");
                 }
-                while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) {
+                loop {
+                    // The memory map is loaded afresh for every chain: this loop keeps popping
+                    // chains the driver adds meanwhile, and a chain added after an ADD_MEM_REG
+                    // was acknowledged may use that region.
+                    let mem = self.mem.memory().into_inner();
+                    let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) else {
+                        break;
+                    };
                     popped += 1;
                     let head = chain.head_index();
                     let segments = chain.map(|d| DescSegment {
