@@ -12,3 +12,4 @@ pub mod nbd;
 pub mod pool;
 pub mod tools;
 pub mod units;
+pub mod vhost;
