@@ -86,6 +86,9 @@ pub enum Command {
     },
     /// Check the metadata and volumes.json: every tree, every reference count.
     Check(CheckArgs),
+    /// Rebuild damaged metadata from every device and mapping that can still be read (the
+    /// damaged file is kept beside it); exit 1 when something was lost.
+    Repair(RepairArgs),
     /// Show how two volumes differ (thin_delta's XML); a volume is a name or a device id.
     Delta {
         /// Left volume.
@@ -125,6 +128,23 @@ pub struct CheckArgs {
     /// Never show a progress bar.
     #[arg(long)]
     pub quiet: bool,
+}
+
+/// `uthin repair` options.
+#[derive(Debug, Args)]
+pub struct RepairArgs {
+    /// Report what a repair would keep and lose; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Data block size (64K..1G), needed only when the superblock is unreadable.
+    #[arg(long, value_parser = size_arg)]
+    pub data_block_size: Option<u64>,
+    /// Number of data blocks, when the superblock is unreadable (default: from the data file).
+    #[arg(long)]
+    pub nr_data_blocks: Option<u64>,
+    /// Transaction id, when the superblock is unreadable (default: volumes.json's).
+    #[arg(long)]
+    pub transaction_id: Option<u64>,
 }
 
 /// `uthin pool ...`.
@@ -350,6 +370,23 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         }
         Command::Check(args) => {
             let report = crate::tools::check::check_pool(&dir, !args.quiet)?;
+            if json {
+                print_json(&report.to_json());
+            } else {
+                print!("{}", report.to_text());
+            }
+            if !report.is_clean() {
+                return Ok(ExitCode::from(EXIT_ERROR));
+            }
+        }
+        Command::Repair(args) => {
+            let opts = crate::tools::repair::RepairOptions {
+                dry_run: args.dry_run,
+                data_block_size: args.data_block_size,
+                nr_data_blocks: args.nr_data_blocks,
+                transaction_id: args.transaction_id,
+            };
+            let report = crate::tools::repair::repair_pool(&dir, &opts)?;
             if json {
                 print_json(&report.to_json());
             } else {
