@@ -282,7 +282,12 @@ impl RepairReport {
         if self.is_clean() {
             let _ = writeln!(s, "clean: nothing was lost");
         } else {
-            let _ = writeln!(s, "{} losses (listed above)", self.losses.len());
+            let n = self.losses.len();
+            let _ = writeln!(
+                s,
+                "{n} loss{} (listed above): check what the devices hold",
+                if n == 1 { "" } else { "es" }
+            );
         }
         s
     }
@@ -391,6 +396,21 @@ pub fn repair_pool(dir: &Path, opts: &RepairOptions) -> Result<RepairReport, Poo
         dry_run: opts.dry_run,
         damaged_copy: None,
     };
+    if let HeaderSource::Scan {
+        superblock_error, ..
+    } = &header.source
+    {
+        report.lose(
+            LossKind::Unreadable,
+            None,
+            Some(0),
+            format!(
+                "the superblock ({superblock_error}): the trees were found by scanning and may \
+                 predate the last commit; uuid and metadata snapshot are lost, the time is the \
+                 latest one in the trees"
+            ),
+        );
+    }
     if header.held_root != 0 {
         report.notes.push(format!(
             "the metadata snapshot held at block {} is released (fresh metadata holds none)",
@@ -630,10 +650,7 @@ fn report_device_losses(report: &mut RepairReport, dev: u32, s: &DeviceSalvage, 
             LossKind::Unreadable,
             Some(dev),
             Some(l.block.0),
-            format!(
-                "device {dev}: {what} (the subtree at metadata block {}: {})",
-                l.block.0, l.reason
-            ),
+            format!("device {dev}: {what} are lost: {}", l.reason),
         );
     }
     for (first, last, n) in runs(s.outside.iter().map(|(vb, _)| *vb)) {
@@ -796,11 +813,10 @@ fn salvage(
             None,
             Some(l.block.0),
             format!(
-                "mapping tree, top level: the entries for device ids {} (metadata block {}: {}); \
-                 devices of the details tree among them left without a mapping tree (kept \
-                 empty): {known:?}",
+                "mapping tree, top level: the entries for device ids {} are lost: {}; devices \
+                 of the details tree among them left without a mapping tree (kept empty): \
+                 {known:?}",
                 l.key_range(),
-                l.block.0,
                 l.reason
             ),
         );
@@ -811,10 +827,9 @@ fn salvage(
             None,
             Some(l.block.0),
             format!(
-                "device details tree: the entries for device ids {} (metadata block {}: {}); \
-                 their details are rebuilt from the mapping trees",
+                "device details tree: the entries for device ids {} are lost: {}; their details \
+                 are rebuilt",
                 l.key_range(),
-                l.block.0,
                 l.reason
             ),
         );
