@@ -379,23 +379,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 return Ok(ExitCode::from(EXIT_ERROR));
             }
         }
-        Command::Repair(args) => {
-            let opts = crate::tools::repair::RepairOptions {
-                dry_run: args.dry_run,
-                data_block_size: args.data_block_size,
-                nr_data_blocks: args.nr_data_blocks,
-                transaction_id: args.transaction_id,
-            };
-            let report = crate::tools::repair::repair_pool(&dir, &opts)?;
-            if json {
-                print_json(&report.to_json());
-            } else {
-                print!("{}", report.to_text());
-            }
-            if !report.is_clean() {
-                return Ok(ExitCode::from(EXIT_ERROR));
-            }
-        }
+        Command::Repair(args) => return run_repair(&dir, json, args),
         Command::Delta { left, right } => {
             let pool = Pool::open(&dir)?;
             let l = resolve_volume(&pool, &left)?;
@@ -442,6 +426,28 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `uthin repair`: offline only (it replaces the metadata file; the pool lock makes it refuse
+/// while a server owns the pool). Exit 1 when something was lost.
+fn run_repair(dir: &std::path::Path, json: bool, args: RepairArgs) -> Result<ExitCode, CliError> {
+    let opts = crate::tools::repair::RepairOptions {
+        dry_run: args.dry_run,
+        data_block_size: args.data_block_size,
+        nr_data_blocks: args.nr_data_blocks,
+        transaction_id: args.transaction_id,
+    };
+    let report = crate::tools::repair::repair_pool(dir, &opts)?;
+    if json {
+        print_json(&report.to_json());
+    } else {
+        print!("{}", report.to_text());
+    }
+    Ok(if report.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_ERROR)
+    })
 }
 
 /// A volume given by name, or by device id for devices without one.
