@@ -59,7 +59,7 @@ use crate::pool::superblock::Superblock;
 use crate::pool::volumes::{Reconciled, VolumesFile, VolumesStore, rfc3339_now};
 use crate::pool::{PoolError, size};
 use crate::tools::check::{CheckReport, check_metadata};
-use crate::tools::restore::write_device;
+use crate::tools::restore::{add_mapping, begin_device, write_device};
 use crate::tools::xml::{XmlDevice, XmlMapping};
 use crate::units::DevId;
 
@@ -373,7 +373,9 @@ pub fn repair_pool(dir: &Path, opts: &RepairOptions) -> Result<RepairReport, Poo
         FileIo::open(&meta_path)
             .map_err(|e| PoolError::io(format!("cannot open {}", meta_path.display()), e))?,
     );
-    let tm = TransactionManager::open_read_only(io.clone(), &TmConfig::default());
+    // The walks read each block once or twice in a row: a small cache does, and it is alive
+    // together with the new metadata's.
+    let tm = TransactionManager::open_read_only(io.clone(), &TmConfig::with_cache_bytes(16 << 20));
     let store = VolumesStore::new(dir, paths.volumes());
     let header = read_header(io.as_ref(), &tm, opts, &paths, &store)?;
 
@@ -429,13 +431,15 @@ pub fn repair_pool(dir: &Path, opts: &RepairOptions) -> Result<RepairReport, Poo
         .ok()
         .map(|v| v.dev_ids())
         .filter(|ids| !ids.is_empty());
-    let written =
-        salvage(&tm, &header, named.as_ref(), &mut report, writer.as_mut()).and_then(|devices| {
-            Ok((
-                devices,
-                writer.map(|w| w.finish(&header)).transpose()?.flatten(),
-            ))
-        });
+    let salvaged = salvage(&tm, &header, named.as_ref(), &mut report, writer.as_mut());
+    // The old metadata's cache is not needed for the commit and the check below.
+    drop(tm);
+    let written = salvaged.and_then(|devices| {
+        Ok((
+            devices,
+            writer.map(|w| w.finish(&header)).transpose()?.flatten(),
+        ))
+    });
     let (devices, grown) = match written {
         Ok(x) => x,
         Err(e) => {
@@ -444,7 +448,6 @@ pub fn repair_pool(dir: &Path, opts: &RepairOptions) -> Result<RepairReport, Poo
             return Err(e);
         }
     };
-    drop(tm);
     if !opts.dry_run {
         if let Some(blocks) = grown {
             report.metadata_blocks = blocks;
@@ -554,20 +557,60 @@ fn read_header(
 // ------------------------------------------------------------------------------------------
 // Salvage
 
-/// The readable part of one device's block tree.
+/// What a walk of one device's block tree found (its mappings go to a callback: memory does
+/// not grow with the device).
 struct DeviceSalvage {
-    mappings: Vec<XmlMapping>,
+    /// Mappings kept.
+    kept: u64,
     lost: Vec<LostSubtree>,
     /// (virtual block, data block) of mappings outside the data device.
     outside: Vec<(u64, u64)>,
-    /// (virtual block, data block, virtual block kept) of dropped duplicates.
-    duplicates: Vec<(u64, u64, u64)>,
+    /// (virtual block, data block) of mappings dropped because a lower virtual block of the
+    /// device maps the same data block.
+    duplicates: Vec<(u64, u64)>,
 }
 
-fn salvage_device(tm: &TransactionManager, root: MetaBlock, nr_data: u64) -> DeviceSalvage {
-    let mut mappings = Vec::new();
+/// A set of data blocks: bits in chunks of 2^16 blocks allocated on first use, so memory
+/// follows the ranges a device maps, not the size of the pool.
+#[derive(Default)]
+struct BlockSet {
+    chunks: HashMap<u64, Box<[u64; 1024]>>,
+}
+
+impl BlockSet {
+    /// Adds `b`; false if it was there already.
+    fn insert(&mut self, b: u64) -> bool {
+        let chunk = self
+            .chunks
+            .entry(b >> 16)
+            .or_insert_with(|| Box::new([0; 1024]));
+        let bit = b & 0xffff;
+        // bit < 2^16, so bit / 64 < 1024: in bounds.
+        let word = &mut chunk[(bit / 64) as usize];
+        let mask = 1u64 << (bit % 64);
+        let fresh = *word & mask == 0;
+        *word |= mask;
+        fresh
+    }
+}
+
+/// Walks one device's block tree: every readable mapping inside the data device whose data
+/// block the device does not already map at a lower virtual block goes to `keep`, in virtual
+/// block order; the rest is counted in the result. The same tree always gives the same result,
+/// so a first walk can count and a second one write.
+fn walk_device(
+    tm: &TransactionManager,
+    root: MetaBlock,
+    nr_data: u64,
+    keep: &mut dyn FnMut(XmlMapping),
+) -> DeviceSalvage {
+    let mut kept = 0;
     let mut outside = Vec::new();
+    let mut duplicates = Vec::new();
     let mut lost = Vec::new();
+    // One data block mapped at two virtual blocks of one device is damage (dm-thin never does
+    // it): the walk goes in virtual block order, so the lowest one is kept.
+    let mut seen = BlockSet::default();
     salvage_btree::<U64Value>(
         tm,
         root,
@@ -575,8 +618,11 @@ fn salvage_device(tm: &TransactionManager, root: MetaBlock, nr_data: u64) -> Dev
             let bt = BlockTime::unpack(raw);
             if bt.block.0 >= nr_data {
                 outside.push((vb, bt.block.0));
+            } else if !seen.insert(bt.block.0) {
+                duplicates.push((vb, bt.block.0));
             } else {
-                mappings.push(XmlMapping {
+                kept += 1;
+                keep(XmlMapping {
                     origin: vb,
                     data: bt.block.0,
                     time: bt.time,
@@ -585,31 +631,8 @@ fn salvage_device(tm: &TransactionManager, root: MetaBlock, nr_data: u64) -> Dev
         },
         &mut |l| lost.push(l),
     );
-    // One data block mapped at two virtual blocks of one device is damage (dm-thin never does
-    // it): keep the lowest virtual block, drop the others.
-    let mut by_data: Vec<(u64, u64)> = mappings.iter().map(|m| (m.data, m.origin)).collect();
-    by_data.sort_unstable();
-    let mut duplicates = Vec::new();
-    let mut i = 0;
-    while i < by_data.len() {
-        let (data, kept) = by_data[i];
-        let mut j = i + 1;
-        while let Some(&(d, vb)) = by_data.get(j) {
-            if d != data {
-                break;
-            }
-            duplicates.push((vb, data, kept));
-            j += 1;
-        }
-        i = j;
-    }
-    if !duplicates.is_empty() {
-        let drop: HashSet<u64> = duplicates.iter().map(|(vb, _, _)| *vb).collect();
-        mappings.retain(|m| !drop.contains(&m.origin));
-        duplicates.sort_unstable();
-    }
     DeviceSalvage {
-        mappings,
+        kept,
         lost,
         outside,
         duplicates,
@@ -639,7 +662,13 @@ fn vblocks(first: u64, last: u64) -> String {
     }
 }
 
-fn report_device_losses(report: &mut RepairReport, dev: u32, s: &DeviceSalvage, nr_data: u64) {
+fn report_device_losses(
+    report: &mut RepairReport,
+    dev: u32,
+    s: &DeviceSalvage,
+    kept_for_duplicates: &HashMap<u64, u64>,
+    nr_data: u64,
+) {
     for l in &s.lost {
         let what = match (l.first_key, l.end_key) {
             (0, None) => "all its mappings".to_string(),
@@ -670,14 +699,17 @@ fn report_device_losses(report: &mut RepairReport, dev: u32, s: &DeviceSalvage, 
             ),
         );
     }
-    for (vb, data, kept) in &s.duplicates {
+    for (vb, data) in &s.duplicates {
+        let kept = kept_for_duplicates
+            .get(data)
+            .map_or(String::new(), |k| format!(" ({k})"));
         report.lose(
             LossKind::Duplicate,
             Some(dev),
             None,
             format!(
-                "device {dev}: virtual block {vb} mapped data block {data}, which virtual block \
-                 {kept} of the same device maps too; dropped"
+                "device {dev}: virtual block {vb} mapped data block {data}, which a lower virtual \
+                 block{kept} of the same device maps too; dropped"
             ),
         );
     }
@@ -934,19 +966,44 @@ fn salvage(
                         w.shared_device(&xml, *origin)?;
                     }
                 } else {
-                    let s = salvage_device(tm, MetaBlock(root), nr_data);
-                    let before = report.losses.len();
-                    report_device_losses(report, dev, &s, nr_data);
-                    xml.mappings = s.mappings;
-                    xml.mapped_blocks = xml.mappings.len() as u64;
-                    summary.mappings = xml.mapped_blocks;
-                    by_root.insert(
-                        root,
-                        (dev, xml.mapped_blocks, report.losses[before..].to_vec()),
-                    );
-                    if let Some(w) = writer.as_deref_mut() {
-                        w.device(&xml)?;
+                    // First walk: count. Second walk (only to write, or to name the
+                    // mappings that duplicates lost to): the same mappings again, streamed.
+                    let s = walk_device(tm, MetaBlock(root), nr_data, &mut |_| {});
+                    xml.mapped_blocks = s.kept;
+                    summary.mappings = s.kept;
+                    let dup_blocks: HashSet<u64> = s.duplicates.iter().map(|(_, d)| *d).collect();
+                    let mut kept_for: HashMap<u64, u64> = HashMap::new();
+                    if writer.is_some() || !dup_blocks.is_empty() {
+                        let mut sink = writer.as_deref_mut().map(|w| w.stream(&xml)).transpose()?;
+                        let mut failed: Option<PoolError> = None;
+                        let again = walk_device(tm, MetaBlock(root), nr_data, &mut |m| {
+                            if dup_blocks.contains(&m.data) {
+                                kept_for.insert(m.data, m.origin);
+                            }
+                            if failed.is_none()
+                                && let Some(sink) = sink.as_mut()
+                                && let Err(e) = sink.add(&m)
+                            {
+                                failed = Some(e);
+                            }
+                        });
+                        if let Some(e) = failed {
+                            return Err(e);
+                        }
+                        if again.kept != s.kept {
+                            return Err(PoolError::Corrupt {
+                                block: root,
+                                what: format!(
+                                    "device {dev}'s tree read differently twice ({} then {} \
+                                     mappings): is something writing the metadata?",
+                                    s.kept, again.kept
+                                ),
+                            });
+                        }
                     }
+                    let before = report.losses.len();
+                    report_device_losses(report, dev, &s, &kept_for, nr_data);
+                    by_root.insert(root, (dev, s.kept, report.losses[before..].to_vec()));
                 }
             }
         }
@@ -1466,6 +1523,17 @@ impl Writer {
         write_device(&mut self.meta, d, &mut self.since_commit)
     }
 
+    /// Begins device `d` (details, `d.mapped_blocks` mappings to come); the mappings follow
+    /// through [`DeviceStream::add`].
+    fn stream(&mut self, d: &XmlDevice) -> Result<DeviceStream<'_>, PoolError> {
+        self.ensure_room(d.mapped_blocks)?;
+        begin_device(&mut self.meta, d)?;
+        Ok(DeviceStream {
+            writer: self,
+            dev: DevId(d.dev_id),
+        })
+    }
+
     /// A device whose old tree had the same root as `origin`'s: the new one shares `origin`'s
     /// new tree (one reference on its root), as the snapshot did.
     fn shared_device(&mut self, d: &XmlDevice, origin: u32) -> Result<(), PoolError> {
@@ -1506,6 +1574,19 @@ impl Writer {
             });
         }
         Ok(self.grown_to)
+    }
+}
+
+/// A device being written mapping by mapping.
+struct DeviceStream<'a> {
+    writer: &'a mut Writer,
+    dev: DevId,
+}
+
+impl DeviceStream<'_> {
+    fn add(&mut self, m: &XmlMapping) -> Result<(), PoolError> {
+        let w = &mut *self.writer;
+        add_mapping(&mut w.meta, self.dev, m, &mut w.since_commit)
     }
 }
 

@@ -6,7 +6,7 @@ use std::path::Path;
 use crate::pool::details::{BlockTime, DeviceDetails};
 use crate::pool::metadata::Metadata;
 use crate::pool::{CreateOptions, Pool, PoolError};
-use crate::tools::xml::{XmlDevice, XmlSuperblock};
+use crate::tools::xml::{XmlDevice, XmlMapping, XmlSuperblock};
 use crate::units::{DataBlock, DevId, VirtBlock};
 
 /// Creates a pool in `dir` holding exactly the devices and mappings of `xml`.
@@ -53,30 +53,46 @@ pub(crate) fn write_device(
     d: &XmlDevice,
     since_commit: &mut u64,
 ) -> Result<(), PoolError> {
-    let dev = DevId(d.dev_id);
+    begin_device(meta, d)?;
+    for m in &d.mappings {
+        add_mapping(meta, DevId(d.dev_id), m, since_commit)?;
+    }
+    Ok(())
+}
+
+/// The first half of [`write_device`]: the device's details and an empty tree (`d.mappings`
+/// is not looked at), for writers that stream the mappings with [`add_mapping`].
+pub(crate) fn begin_device(meta: &mut Metadata, d: &XmlDevice) -> Result<(), PoolError> {
     meta.restore_device(
-        dev,
+        DevId(d.dev_id),
         DeviceDetails {
             mapped_blocks: d.mapped_blocks,
             transaction_id: d.transaction,
             creation_time: d.creation_time,
             snapshotted_time: d.snap_time,
         },
+    )
+}
+
+/// One mapping of a device begun with [`begin_device`] (see [`write_device`]).
+pub(crate) fn add_mapping(
+    meta: &mut Metadata,
+    dev: DevId,
+    m: &XmlMapping,
+    since_commit: &mut u64,
+) -> Result<(), PoolError> {
+    meta.restore_mapping(
+        dev,
+        VirtBlock(m.origin),
+        BlockTime {
+            block: DataBlock(m.data),
+            time: m.time,
+        },
     )?;
-    for m in &d.mappings {
-        meta.restore_mapping(
-            dev,
-            VirtBlock(m.origin),
-            BlockTime {
-                block: DataBlock(m.data),
-                time: m.time,
-            },
-        )?;
-        *since_commit += 1;
-        if *since_commit >= MAPPINGS_PER_COMMIT {
-            meta.commit()?;
-            *since_commit = 0;
-        }
+    *since_commit += 1;
+    if *since_commit >= MAPPINGS_PER_COMMIT {
+        meta.commit()?;
+        *since_commit = 0;
     }
     Ok(())
 }
