@@ -16,7 +16,7 @@
 //!    from the mappings, times and transaction id from the superblock, so the kernel's time-based
 //!    sharing test errs on the side of copying); without a readable mapping tree it is kept
 //!    empty, so its name and id stay and the report says it lost everything.
-//! 3. **Writes fresh metadata** through restore's writer ([`super::restore::write_device`]) into a
+//! 3. **Writes fresh metadata** through restore's writer (`super::restore::write_device`) into a
 //!    temp file beside the old one: trees and both space maps rebuilt from the salvaged
 //!    references, so every count is exact and data blocks shared between devices stay shared
 //!    (count > 1, copy on write). Devices whose trees had the same root (snapshots not written
@@ -34,8 +34,11 @@
 //! mapping tree and a details tree (thin_repair 0.9 cannot repair a lost superblock at all).
 //! `--dry-run` does all the reading and reports, and writes nothing.
 //!
-//! Memory: one device's salvaged mappings at a time (24 bytes each) plus the block cache; the
-//! superblock scan keeps a summary per B-tree node.
+//! Memory does not grow with a device: its tree is walked twice (count, then stream into the
+//! new metadata) and its duplicate check is a bit set over the data ranges it maps; the rest is
+//! the two block caches and the final check's counters. A scan (lost superblock or roots, a lost
+//! top-level entry) keeps a summary per B-tree node. Older copies of lost nodes are used only
+//! when they match what survives (see `recover_lost_roots`) or when nothing else is left.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
