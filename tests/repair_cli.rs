@@ -145,7 +145,7 @@ fn unreadable_superblock_is_refused_then_rebuilt_from_a_scan() {
         "{t}"
     );
     assert!(
-        t.contains("thin_repair cannot repair this either") && t.contains("--data-block-size"),
+        t.contains("thin_repair needs them") && t.contains("--data-block-size"),
         "{t}"
     );
     assert_eq!(
@@ -153,8 +153,9 @@ fn unreadable_superblock_is_refused_then_rebuilt_from_a_scan() {
         before,
         "a refused repair writes nothing"
     );
-    // thin_repair 0.9 indeed gives up on it.
-    assert!(repair_common::thin_repair(&meta, tmp.path()).is_err());
+    // thin_repair 0.9 asks for them too.
+    let e = repair_common::thin_repair(&meta, tmp.path()).unwrap_err();
+    assert!(e.contains("transaction id"), "{e}");
 
     let t = run(&pool, &["repair", "--data-block-size", "64K"], 1);
     assert!(t.contains("superblock unreadable"), "{t}");
@@ -166,6 +167,31 @@ fn unreadable_superblock_is_refused_then_rebuilt_from_a_scan() {
     corrupt(&meta, 0);
     let t = run(&pool, &["repair", "--data-block-size", "3000"], 1);
     assert!(t.contains("3000") || t.contains("power of two"), "{t}");
+    // The other fields can be given too; volumes.json follows the transaction id.
+    let t = run(
+        &pool,
+        &[
+            "repair",
+            "--data-block-size",
+            "64K",
+            "--nr-data-blocks",
+            "16000",
+            "--transaction-id",
+            "42",
+        ],
+        1,
+    );
+    let repaired = thin_dump(&meta);
+    assert_eq!(
+        (repaired.transaction, repaired.nr_data_blocks),
+        (42, 16000),
+        "{t}"
+    );
+    assert_eq!(repaired.devices, original.devices);
+    run(&pool, &["check"], 0);
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(pool.join("volumes.json")).unwrap()).unwrap();
+    assert_eq!(v["transaction_id"], 42);
 }
 
 #[test]

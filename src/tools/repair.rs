@@ -31,7 +31,8 @@
 //! It refuses while another process owns the pool (`uthin serve`), and when the superblock is
 //! unreadable unless the data block size is given: the roots of the trees are then found by
 //! scanning every metadata block for B-tree nodes and picking the newest consistent pair of a
-//! mapping tree and a details tree (thin_repair 0.9 cannot repair a lost superblock at all).
+//! mapping tree and a details tree (thin_repair 0.9 too needs the transaction id, data block
+//! size and number of data blocks on its command line then).
 //! `--dry-run` does all the reading and reports, and writes nothing.
 //!
 //! Memory does not grow with a device: its tree is walked twice (count, then stream into the
@@ -514,9 +515,11 @@ fn read_header(
             block: 0,
             what: format!(
                 "the superblock is unreadable ({error}). It holds the roots of every tree, the data \
-                 block size and the transaction id; thin_repair cannot repair this either. If you \
-                 know the pool's data block size, `uthin repair --data-block-size SIZE \
-                 [--nr-data-blocks N] [--transaction-id N]` scans the metadata for its newest trees"
+                 block size and the transaction id; without them no tool can repair the pool \
+                 (thin_repair needs them on its command line too). If you know the pool's data \
+                 block size, `uthin repair --data-block-size SIZE [--nr-data-blocks N] \
+                 [--transaction-id N]` scans the metadata for its newest trees (the transaction \
+                 id defaults to volumes.json's, the number of data blocks to the data file's size)"
             ),
         });
     };
@@ -530,7 +533,14 @@ fn read_header(
             file_or_device_size(&f, &data)? / block_size
         }
     };
-    let found = scan(tm, io.nr_blocks()).newest_roots().ok_or_else(|| PoolError::Corrupt {
+    let named: Option<BTreeSet<u32>> = store
+        .read()
+        .ok()
+        .map(|v| v.dev_ids())
+        .filter(|ids| !ids.is_empty());
+    let found = scan(tm, io.nr_blocks())
+        .newest_roots(named.as_ref())
+        .ok_or_else(|| PoolError::Corrupt {
         block: 0,
         what: format!(
             "the superblock is unreadable ({error}) and a scan of the metadata found no mapping tree"
@@ -800,7 +810,7 @@ fn salvage(
                 ),
             );
         }
-        if let Some(found) = scan(tm, nr_meta).newest_roots() {
+        if let Some(found) = scan(tm, nr_meta).newest_roots(named) {
             report.notes.push(format!(
                 "both trees' roots are unreadable: using the newest consistent pair a scan of the \
                  metadata found (mapping tree at block {}, details tree at {}); it may predate the \
@@ -1375,10 +1385,17 @@ fn scan(tm: &TransactionManager, nr_blocks: u64) -> Scan {
 }
 
 impl Scan {
-    /// Picks the newest mapping tree with a details tree listing the same devices (highest
-    /// transaction id in the details, then latest time, then most mappings) among the trees no
-    /// valid node points at. `None` when there is no mapping tree at all.
-    fn newest_roots(&self) -> Option<FoundRoots> {
+    /// Picks the newest mapping tree with a details tree listing the same devices among the
+    /// trees no valid node points at: first the pairs whose devices are exactly those
+    /// volumes.json names (`named`; uthin keeps the two in step, so this tells the current
+    /// trees from those before a delete), then the highest transaction id in the details, the
+    /// latest time, the most mappings. `None` when there is no mapping tree at all.
+    fn newest_roots(&self, named: Option<&BTreeSet<u32>>) -> Option<FoundRoots> {
+        let is_named = |devs: &Vec<u64>| {
+            named.is_some_and(|n| {
+                devs.len() == n.len() && devs.iter().zip(n).all(|(d, n)| *d == u64::from(*n))
+            })
+        };
         // A node some valid node points at is not a root.
         let mut referenced: HashSet<u64> = HashSet::new();
         for (b, class) in &self.classes {
@@ -1429,12 +1446,15 @@ impl Scan {
             .iter()
             .flat_map(|t| details.iter().map(move |d| (t, d)))
             .filter(|(t, d)| t.1 == d.1)
-            .max_by_key(|(t, d)| (d.2, t.3.max(d.3), t.2, t.0));
+            .max_by_key(|(t, d)| (is_named(t.1), d.2, t.3.max(d.3), t.2, t.0));
         let (top, det) = match pair {
             Some((t, d)) => (*t, Some(*d)),
             None => (
-                *tops.iter().max_by_key(|t| (t.3, t.2, t.0))?,
-                details.iter().max_by_key(|d| (d.2, d.3, d.0)).copied(),
+                *tops.iter().max_by_key(|t| (is_named(t.1), t.3, t.2, t.0))?,
+                details
+                    .iter()
+                    .max_by_key(|d| (is_named(d.1), d.2, d.3, d.0))
+                    .copied(),
             ),
         };
         Some(FoundRoots {

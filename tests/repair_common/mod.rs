@@ -336,6 +336,15 @@ pub fn thin_check(metadata: &Path) -> Result<(), String> {
 /// the input's size: thin_repair writes every snapshot's tree separately and its leaves half
 /// full, so the input's size is not enough for a pool with snapshots.
 pub fn thin_repair(damaged: &Path, scratch: &Path) -> Result<XmlSuperblock, String> {
+    thin_repair_with(damaged, scratch, &[])
+}
+
+/// [`thin_repair`] with extra arguments (e.g. `--transaction-id 7` for a lost superblock).
+pub fn thin_repair_with(
+    damaged: &Path,
+    scratch: &Path,
+    args: &[&str],
+) -> Result<XmlSuperblock, String> {
     let out_path = scratch.join("thin_repair.out");
     let f = std::fs::File::create(&out_path).unwrap();
     f.set_len(8 * std::fs::metadata(damaged).unwrap().len())
@@ -346,6 +355,7 @@ pub fn thin_repair(damaged: &Path, scratch: &Path) -> Result<XmlSuperblock, Stri
         .arg(damaged)
         .arg("-o")
         .arg(&out_path)
+        .args(args)
         .output()
         .expect("thin_repair runs");
     if !out.status.success() {
