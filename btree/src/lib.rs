@@ -21,6 +21,7 @@ pub mod check;
 pub mod checksum;
 mod error;
 pub mod io;
+pub mod salvage;
 pub mod space_map;
 pub mod tm;
 

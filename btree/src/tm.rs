@@ -142,7 +142,7 @@ impl std::fmt::Debug for TransactionManager {
 }
 
 impl TransactionManager {
-    fn with_maps(io: Arc<dyn BlockIo>, cfg: &TmConfig, meta: SpaceMap) -> Self {
+    pub(crate) fn with_maps(io: Arc<dyn BlockIo>, cfg: &TmConfig, meta: SpaceMap) -> Self {
         TransactionManager {
             cache: Arc::new(BlockCache::new(io, cfg.cache_blocks)),
             meta,
@@ -336,6 +336,12 @@ impl TransactionManager {
     /// more writes; tests set it low to exercise mid-transaction flushes.
     pub fn set_overlay_limit(&mut self, entries: usize) {
         self.overlay_limit = entries.max(1);
+    }
+
+    /// From now on every change fails with [`Error::Poisoned`] saying `why` (a read-only
+    /// manager, see [`TransactionManager::open_read_only`]).
+    pub(crate) fn refuse_changes(&mut self, why: &str) {
+        self.poisoned = Some(why.to_string());
     }
 
     /// Why changes are refused, if an earlier error poisoned this transaction.

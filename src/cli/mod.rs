@@ -86,6 +86,9 @@ pub enum Command {
     },
     /// Check the metadata and volumes.json: every tree, every reference count.
     Check(CheckArgs),
+    /// Rebuild damaged metadata from every device and mapping that can still be read (the
+    /// damaged file is kept beside it); exit 1 when something was lost.
+    Repair(RepairArgs),
     /// Show how two volumes differ (thin_delta's XML); a volume is a name or a device id.
     Delta {
         /// Left volume.
@@ -125,6 +128,23 @@ pub struct CheckArgs {
     /// Never show a progress bar.
     #[arg(long)]
     pub quiet: bool,
+}
+
+/// `uthin repair` options.
+#[derive(Debug, Args)]
+pub struct RepairArgs {
+    /// Report what a repair would keep and lose; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Data block size (64K..1G), needed only when the superblock is unreadable.
+    #[arg(long, value_parser = size_arg)]
+    pub data_block_size: Option<u64>,
+    /// Number of data blocks, when the superblock is unreadable (default: from the data file).
+    #[arg(long)]
+    pub nr_data_blocks: Option<u64>,
+    /// Transaction id, when the superblock is unreadable (default: volumes.json's).
+    #[arg(long)]
+    pub transaction_id: Option<u64>,
 }
 
 /// `uthin pool ...`.
@@ -359,6 +379,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 return Ok(ExitCode::from(EXIT_ERROR));
             }
         }
+        Command::Repair(args) => return run_repair(&dir, json, args),
         Command::Delta { left, right } => {
             let pool = Pool::open(&dir)?;
             let l = resolve_volume(&pool, &left)?;
@@ -405,6 +426,28 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `uthin repair`: offline only (it replaces the metadata file; the pool lock makes it refuse
+/// while a server owns the pool). Exit 1 when something was lost.
+fn run_repair(dir: &std::path::Path, json: bool, args: RepairArgs) -> Result<ExitCode, CliError> {
+    let opts = crate::tools::repair::RepairOptions {
+        dry_run: args.dry_run,
+        data_block_size: args.data_block_size,
+        nr_data_blocks: args.nr_data_blocks,
+        transaction_id: args.transaction_id,
+    };
+    let report = crate::tools::repair::repair_pool(dir, &opts)?;
+    if json {
+        print_json(&report.to_json());
+    } else {
+        print!("{}", report.to_text());
+    }
+    Ok(if report.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_ERROR)
+    })
 }
 
 /// A volume given by name, or by device id for devices without one.

@@ -194,7 +194,7 @@ fn bad(report: &mut CheckReport, e: impl Into<PoolError>) {
     report.add(ProblemKind::BadBlock, e.into().to_string());
 }
 
-fn check_metadata(
+pub(crate) fn check_metadata(
     meta: &Metadata,
     volumes: Option<&VolumesFile>,
     progress: bool,
