@@ -6,5 +6,6 @@
 //! layers; each is one module here.
 #![deny(missing_docs)]
 
+pub mod data;
 pub mod device;
 pub mod units;
