@@ -9,3 +9,4 @@
 pub mod data;
 pub mod device;
 pub mod units;
+pub mod volume;

@@ -138,6 +138,10 @@ impl RealFile {
             .map_err(|e| io::Error::other(format!("data file sync thread failed: {e}")))?
     }
 
+    pub(crate) fn sync_blocking(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
     /// Copies `len` bytes from `src` to `dst` inside the file (copy-on-write of a block).
     pub(crate) async fn copy_range(&self, src: u64, dst: u64, len: u64) -> io::Result<()> {
         let file = self.file.clone();

@@ -164,12 +164,10 @@ impl<'a> Iovecs<'a> {
     }
 }
 
-/// The `'static` form of an [`Iovecs`] that travels to a pool thread; see [`offload`].
-struct SendIovecs(Iovecs<'static>);
-
-// SAFETY: raw pointers are not Send by default only as a lint; the buffers they point to are
-// kept alive and unaliased for the whole job by `Offloaded` (see `offload`).
-unsafe impl Send for SendIovecs {}
+// SAFETY: an `Iovecs<'a>` stands for `&'a mut` borrows of byte buffers, which are Send; the raw
+// pointers only lose that because the compiler cannot see the borrow. For the `'static` form
+// sent to a pool thread, `Offloaded` keeps the buffers alive and unaliased (see `offload`).
+unsafe impl Send for Iovecs<'_> {}
 
 /// Set when the pool thread no longer touches the buffers: after the syscalls, or when the job
 /// is dropped without running (runtime shutdown).
@@ -205,7 +203,7 @@ pub(crate) fn offload<'a>(file: &Arc<File>, iov: Iovecs<'a>, off: u64) -> Offloa
     // leak the future (`mem::forget` of a polled future), which nothing in uthin does; callers
     // outside the crate only see futures that own an `Offloaded` and drop it normally.
     let iov: Iovecs<'static> = unsafe { std::mem::transmute::<Iovecs<'a>, Iovecs<'static>>(iov) };
-    let job = SendIovecs(iov);
+    let job = iov;
     let finished = Arc::new(Finished {
         done: Mutex::new(false),
         cv: Condvar::new(),
@@ -215,7 +213,7 @@ pub(crate) fn offload<'a>(file: &Arc<File>, iov: Iovecs<'a>, off: u64) -> Offloa
     let handle = tokio::task::spawn_blocking(move || {
         let _guard = guard;
         let mut job = job;
-        job.0.transfer_all(file.as_raw_fd(), off)
+        job.transfer_all(file.as_raw_fd(), off)
     });
     Offloaded {
         handle,

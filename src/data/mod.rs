@@ -187,6 +187,15 @@ impl DataFile {
         }
     }
 
+    /// [`sync`](DataFile::sync) on the calling thread, for callers that already run on a
+    /// blocking thread (the committer holds the metadata lock there).
+    pub fn sync_blocking(&self) -> io::Result<()> {
+        match &self.backend {
+            Backend::File(f) => f.sync_blocking(),
+            Backend::Model(m) => m.sync(),
+        }
+    }
+
     /// Gives the space of a freed block back and makes it read as zeros. Call only once the
     /// commit that freed it is durable (DESIGN invariant 2), and before it can be reused.
     pub async fn release(&self, block: DataBlock) -> io::Result<()> {
