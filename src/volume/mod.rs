@@ -91,6 +91,14 @@ struct Shared<M: ThinMetadata> {
     devs: Mutex<HashMap<DevId, Arc<DevState>>>,
     /// Mapping changes not yet committed.
     dirty: AtomicBool,
+    /// Set (under the write lock) when a mapping change in the open transaction may have made
+    /// a block less shared (a copy-on-write remap, a discard); cleared when the transaction is
+    /// committed. While set, a lookup's "owned alone" is not trusted for writing in place: the
+    /// last *committed* transaction may still share the block, and a crash would bring that
+    /// sharer back with our write in its data (found by the crash test). Such a write copies
+    /// instead. Entries cached as owned before the flag was set stay trusted: only a snapshot
+    /// can make a block more shared, and snapshots bump the device's epoch.
+    unshared_in_txn: AtomicBool,
     /// Counts mapping insertions, so the committer knows whether data written for a mapping
     /// may have missed its first (lock-free) fdatasync.
     inserts: AtomicU64,
@@ -162,6 +170,7 @@ impl<M: ThinMetadata> VolumePool<M> {
                 grace: Grace::new(),
                 devs: Mutex::new(HashMap::new()),
                 dirty: AtomicBool::new(false),
+                unshared_in_txn: AtomicBool::new(false),
                 inserts: AtomicU64::new(0),
                 commit_turn: tokio::sync::Mutex::new(()),
                 commits_started: AtomicU64::new(0),
@@ -275,33 +284,37 @@ impl<M: ThinMetadata> Shared<M> {
             return Ok(c);
         }
         let meta = self.meta.read();
-        let epoch = state.snap_epoch.load(Ordering::Acquire);
-        let c = match meta.lookup(dev, v)? {
-            None => Cached::Unmapped,
-            Some(m) => Cached::Mapped {
-                block: m.block,
-                exclusive: !m.shared,
-                epoch,
-            },
-        };
+        let c = self.lookup_locked(&meta, dev, state, v)?;
         // Filled under the read lock: no mapping change can slip in between.
         self.cache.put(dev, v, c);
         Ok(c)
+    }
+
+    /// A lookup under the caller's metadata lock (read or write), as a cache entry.
+    fn lookup_locked(
+        &self,
+        meta: &M,
+        dev: DevId,
+        state: &DevState,
+        v: VirtBlock,
+    ) -> DevResult<Cached> {
+        let epoch = state.snap_epoch.load(Ordering::Acquire);
+        let unshared = self.unshared_in_txn.load(Ordering::SeqCst);
+        Ok(match meta.lookup(dev, v)? {
+            None => Cached::Unmapped,
+            Some(m) => Cached::Mapped {
+                block: m.block,
+                exclusive: !m.shared && !unshared,
+                epoch,
+            },
+        })
     }
 
     /// Looks `v` up in the trees, bypassing the cache (a write about to copy rechecks: the
     /// sharer may be gone).
     fn fresh_mapping(&self, dev: DevId, state: &DevState, v: VirtBlock) -> DevResult<Cached> {
         let meta = self.meta.read();
-        let epoch = state.snap_epoch.load(Ordering::Acquire);
-        let c = match meta.lookup(dev, v)? {
-            None => Cached::Unmapped,
-            Some(m) => Cached::Mapped {
-                block: m.block,
-                exclusive: !m.shared,
-                epoch,
-            },
-        };
+        let c = self.lookup_locked(&meta, dev, state, v)?;
         self.cache.put(dev, v, c);
         Ok(c)
     }
@@ -341,6 +354,7 @@ impl<M: ThinMetadata> Shared<M> {
                 me.data.sync_blocking().map_err(io_err)?;
             }
             me.dirty.store(false, Ordering::SeqCst);
+            me.unshared_in_txn.store(false, Ordering::SeqCst);
             let mut freed = meta.commit()?;
             freed.extend(meta.take_freed());
             Ok(freed)
@@ -605,7 +619,9 @@ impl<M: ThinMetadata> Volume<M> {
                 continue;
             }
             let r = res.r.take().expect("reservation still held");
-            meta.insert_mapping(self.dev, p.vblock, r)?;
+            if meta.insert_mapping(self.dev, p.vblock, r)?.is_some() {
+                sh.unshared_in_txn.store(true, Ordering::SeqCst);
+            }
             sh.cache.put(
                 self.dev,
                 p.vblock,
@@ -632,6 +648,7 @@ impl<M: ThinMetadata> Volume<M> {
         sh.cache.forget_range(self.dev, begin, end);
         if n > 0 {
             sh.dirty.store(true, Ordering::SeqCst);
+            sh.unshared_in_txn.store(true, Ordering::SeqCst);
         }
         Ok(())
     }
