@@ -602,14 +602,34 @@ impl<M: ThinMetadata> Volume<M> {
                 None => unreachable!("the reservation was just stored"),
             };
             let whole = p.offset == 0 && p.len as u64 == sh.block_size;
-            if !whole {
-                match old {
-                    // A reused block may still hold data if a punch was lost to a crash.
-                    None => sh.data.make_zero(new).await.map_err(io_err)?,
-                    Some(o) => sh.data.copy_block(o, new).await.map_err(io_err)?,
+            match old {
+                Some(o) if !whole => {
+                    // Copy-on-write as one read of the old block, the write laid over it in
+                    // memory, and one whole-block write: measured faster here than
+                    // copy_file_range followed by the write (docs/io-engines.md).
+                    let mut block = vec![0u8; sh.block_size as usize];
+                    sh.data
+                        .read(o, 0, &mut [IoSliceMut::new(&mut block)])
+                        .await
+                        .map_err(io_err)?;
+                    let mut at = p.offset as usize;
+                    for b in bufs {
+                        block[at..at + b.len()].copy_from_slice(b);
+                        at += b.len();
+                    }
+                    sh.data
+                        .write(new, 0, &[IoSlice::new(&block)])
+                        .await
+                        .map_err(io_err)?;
+                }
+                _ => {
+                    if !whole {
+                        // A reused block may still hold data if a punch was lost to a crash.
+                        sh.data.make_zero(new).await.map_err(io_err)?;
+                    }
+                    sh.data.write(new, p.offset, bufs).await.map_err(io_err)?;
                 }
             }
-            sh.data.write(new, p.offset, bufs).await.map_err(io_err)?;
             let mut meta = sh.meta.write();
             // A discard may have unmapped the block while we copied: then the copy would bring
             // the discarded data back. Start again from what the trees say now.
