@@ -6,7 +6,10 @@
 //! layers; each is one module here.
 #![deny(missing_docs)]
 
+pub mod cli;
 pub mod data;
 pub mod device;
+pub mod pool;
+pub mod tools;
 pub mod units;
 pub mod volume;

@@ -1,12 +1,7 @@
-//! The `uthin` command line.
+//! The `uthin` command line (see `uthin --help` and `uthin::cli`).
 
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    eprintln!(
-        "uthin: `{}` is not yet available in this build",
-        args.join(" ")
-    );
-    ExitCode::from(1)
+    uthin::cli::main()
 }
