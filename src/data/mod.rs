@@ -4,8 +4,10 @@
 //! [`DataModel`] that remembers what was synced and can simulate a power loss. The volume layer
 //! uses only this API:
 //!
-//! - [`read`](DataFile::read) / [`write`](DataFile::write): a byte range inside one
-//!   [`DataBlock`], into or from the caller's scatter-gather buffers (borrowed, never copied);
+//! - [`read`](DataFile::read) / [`write`](DataFile::write): a byte range that starts inside
+//!   one [`DataBlock`] and may run on into the blocks that follow it (the volume layer merges
+//!   the pieces of a request that land on consecutive data blocks into one vectored syscall),
+//!   into or from the caller's scatter-gather buffers (borrowed, never copied);
 //! - [`copy_block`](DataFile::copy_block): copy-on-write of one whole block;
 //! - [`sync`](DataFile::sync): the data barrier of a commit (fdatasync);
 //! - [`release`](DataFile::release): a freed block gives its space back and reads as zeros
@@ -102,25 +104,35 @@ impl DataFile {
         }
     }
 
+    /// Byte offset of byte `offset` of `block`, for a transfer of `len` bytes. `offset` must lie
+    /// inside the block; the transfer may continue into the following blocks, but not past
+    /// the largest file offset.
     fn byte_offset(&self, block: DataBlock, offset: u32, len: u64) -> io::Result<u64> {
         let bs = u64::from(self.block_size);
-        if u64::from(offset) + len > bs {
+        if u64::from(offset) >= bs {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("{len} bytes at offset {offset} do not fit in {block} of {bs} bytes"),
+                format!("offset {offset} is not inside {block} of {bs} bytes"),
             ));
         }
         block
             .0
             .checked_mul(bs)
             .map(|b| b + u64::from(offset))
+            .filter(|at| {
+                at.checked_add(len)
+                    .is_some_and(|end| end <= i64::MAX as u64)
+            })
             .ok_or_else(|| {
-                io::Error::new(io::ErrorKind::InvalidInput, format!("{block} is too large"))
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{len} bytes at offset {offset} of {block} are beyond any file"),
+                )
             })
     }
 
-    /// Reads `iov_len(bufs)` bytes at byte `offset` of `block` into `bufs`. The range must lie
-    /// inside the block.
+    /// Reads `iov_len(bufs)` bytes at byte `offset` of `block` into `bufs`. The range starts
+    /// inside `block` and may continue into the blocks after it.
     pub async fn read(
         &self,
         block: DataBlock,
@@ -142,8 +154,9 @@ impl DataFile {
         }
     }
 
-    /// Writes the concatenation of `bufs` at byte `offset` of `block`. The range must lie
-    /// inside the block. Not durable until [`sync`](DataFile::sync).
+    /// Writes the concatenation of `bufs` at byte `offset` of `block`. The range starts inside
+    /// `block` and may continue into the blocks after it. Not durable until
+    /// [`sync`](DataFile::sync).
     pub async fn write(
         &self,
         block: DataBlock,
@@ -325,10 +338,19 @@ mod tests {
         rt().block_on(async {
             let a = vec![1u8; 2];
             let err = df
-                .write(DataBlock(0), BS - 1, &[IoSlice::new(&a)])
+                .write(DataBlock(0), BS, &[IoSlice::new(&a)])
                 .await
                 .unwrap_err();
             assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+            // A range may run on into the next block (a run of consecutive blocks).
+            df.write(DataBlock(0), BS - 1, &[IoSlice::new(&a)])
+                .await
+                .unwrap();
+            let mut c = [0u8; 2];
+            df.read(DataBlock(0), BS - 1, &mut [IoSliceMut::new(&mut c)])
+                .await
+                .unwrap();
+            assert_eq!(c, [1, 1]);
             let mut b = vec![0u8; 16];
             // Past the end of the file: a clear error, not zeros.
             let err = df
