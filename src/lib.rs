@@ -7,8 +7,10 @@
 #![deny(missing_docs)]
 
 pub mod cli;
+pub mod data;
 pub mod device;
 pub mod nbd;
 pub mod pool;
 pub mod tools;
 pub mod units;
+pub mod volume;
