@@ -30,3 +30,6 @@ cargo clippy --workspace --all-targets --release -- -D warnings
 
 step "cargo test --workspace --release"
 cargo test --workspace --release
+
+step "scripts/vm-e2e.sh (QEMU guests over vhost-user-blk)"
+scripts/vm-e2e.sh

@@ -14,3 +14,4 @@ pub mod pool;
 pub mod tools;
 pub mod units;
 pub mod volume;
+pub mod vhost;

@@ -1,0 +1,179 @@
+#!/usr/bin/env bash
+# vhost-user-blk benchmark: the same libblkio client (examples/vhost-bench.rs, one queue, QD32)
+# against uthin and qemu-storage-daemon, interleaved and repeated, printing medians and ratios.
+#
+# Usage: scripts/vhost-bench.sh [--rounds 3] [--seconds 5] [--size 1G] [--peers "a b c"]
+#
+# Peers (each round starts every peer on fresh, empty storage, one after the other):
+#   uthin      `uthin serve --vhost-user` on a new pool in $BENCH_DIR (when the uthin binary
+#              has `serve`); the figure issue 7 asks for
+#   vhost-null examples/vhost-serve on a device that does nothing: the vhost layer's own cost
+#   qsd-null   qemu-storage-daemon on its null-co driver: the same for QEMU's vhost layer
+#   vhost-mem  examples/vhost-serve on a MemDevice (sparse memory, copies through a buffer)
+#   qsd-disk   qemu-storage-daemon, raw file in $BENCH_DIR, aio=io_uring, cache.direct=on
+#              (issue 7's reference)
+#   qsd-shm    qemu-storage-daemon, raw file in /dev/shm, aio=io_uring (tmpfs has no
+#              O_DIRECT): qsd's vhost layer over memory, the fair peer of vhost-mem
+# Ratios printed: uthin / qsd-disk, vhost-null / qsd-null and vhost-mem / qsd-shm. Null peers
+# store nothing, so their data is not verified.
+#
+# Environment: BENCH_DIR (default: a directory under /var/tmp, on a real disk file system).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+ROUNDS=3
+SECONDS_PER_PHASE=5
+SIZE=1G
+PEERS=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --rounds) ROUNDS=$2; shift 2 ;;
+    --seconds) SECONDS_PER_PHASE=$2; shift 2 ;;
+    --size) SIZE=$2; shift 2 ;;
+    --peers) PEERS=$2; shift 2 ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+
+log() { echo "vhost-bench: $*" >&2; }
+die() { log "FAIL: $*"; exit 1; }
+
+command -v qemu-storage-daemon >/dev/null || die "qemu-storage-daemon is not installed (qemu-utils)"
+(cd "$ROOT" && cargo build --release -q --example vhost-bench --example vhost-serve) || die "build failed"
+BENCH=$ROOT/target/release/examples/vhost-bench
+SERVE=$ROOT/target/release/examples/vhost-serve
+UTHIN=$ROOT/target/release/uthin
+if [ -z "$PEERS" ]; then
+    PEERS="vhost-null qsd-null vhost-mem qsd-shm qsd-disk"
+    if [ -x "$UTHIN" ] && "$UTHIN" serve --help >/dev/null 2>&1; then
+        PEERS="uthin $PEERS"
+    fi
+fi
+
+WORK=$(mktemp -d "${BENCH_DIR:-/var/tmp}/uthin-vhost-bench.XXXXXX")
+SHM=$(mktemp -d /dev/shm/uthin-vhost-bench.XXXXXX)
+SERVER_PID=""
+cleanup() {
+    stop_server
+    rm -rf "$WORK" "$SHM"
+}
+trap cleanup EXIT
+
+size_bytes() { numfmt --from=iec "$1"; }
+
+stop_server() {
+    if [ -n "$SERVER_PID" ]; then
+        kill -TERM "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+        SERVER_PID=""
+    fi
+}
+
+wait_socket() {
+    local i=0
+    while [ ! -S "$1" ]; do
+        i=$((i + 1))
+        [ $i -gt 300 ] && die "no socket $1 (see $WORK/server.log)"
+        kill -0 "$SERVER_PID" 2>/dev/null || die "server exited (see $WORK/server.log)"
+        sleep 0.1
+    done
+}
+
+start_qsd() { # start_qsd IMAGE DIRECT
+    rm -f "$1" "$WORK/qsd.sock"
+    truncate -s "$SIZE" "$1"
+    qemu-storage-daemon \
+        --blockdev "driver=file,node-name=file0,filename=$1,aio=io_uring,cache.direct=$2" \
+        --blockdev driver=raw,node-name=disk0,file=file0 \
+        --export "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=$WORK/qsd.sock,writable=on,num-queues=1" \
+        >>"$WORK/server.log" 2>&1 &
+    SERVER_PID=$!
+    wait_socket "$WORK/qsd.sock"
+    SOCKET=$WORK/qsd.sock
+}
+
+start_peer() {
+    case "$1" in
+    vhost-mem)
+        rm -f "$WORK/mem.sock"
+        "$SERVE" --socket "$WORK/mem.sock" --mem "$SIZE" >>"$WORK/server.log" 2>&1 &
+        SERVER_PID=$!
+        wait_socket "$WORK/mem.sock"
+        SOCKET=$WORK/mem.sock
+        ;;
+    vhost-null)
+        rm -f "$WORK/null.sock"
+        "$SERVE" --socket "$WORK/null.sock" --null "$SIZE" >>"$WORK/server.log" 2>&1 &
+        SERVER_PID=$!
+        wait_socket "$WORK/null.sock"
+        SOCKET=$WORK/null.sock
+        ;;
+    qsd-null)
+        rm -f "$WORK/qsd.sock"
+        qemu-storage-daemon --blockdev "driver=null-co,node-name=disk0,size=$(size_bytes "$SIZE")" \
+            --export "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=$WORK/qsd.sock,writable=on,num-queues=1" \
+            >>"$WORK/server.log" 2>&1 &
+        SERVER_PID=$!
+        wait_socket "$WORK/qsd.sock"
+        SOCKET=$WORK/qsd.sock
+        ;;
+    qsd-disk) start_qsd "$WORK/qsd.img" on ;;
+    qsd-shm) start_qsd "$SHM/qsd.img" off ;;
+    uthin)
+        rm -rf "$WORK/pool" "$WORK/vol.sock"
+        "$UTHIN" --pool "$WORK/pool" pool create --data-size $((2 * ${SIZE%G}))G >/dev/null
+        "$UTHIN" --pool "$WORK/pool" create vol --size "$SIZE" >/dev/null
+        "$UTHIN" --pool "$WORK/pool" serve --vhost-user "vol=$WORK/vol.sock" >>"$WORK/server.log" 2>&1 &
+        SERVER_PID=$!
+        wait_socket "$WORK/vol.sock"
+        SOCKET=$WORK/vol.sock
+        ;;
+    *) die "unknown peer $1" ;;
+    esac
+}
+
+RESULTS=$WORK/results
+: >"$RESULTS"
+log "peers: $PEERS; $ROUNDS rounds of ${SECONDS_PER_PHASE}s per phase on $SIZE"
+for round in $(seq 1 "$ROUNDS"); do
+    for peer in $PEERS; do
+        start_peer "$peer"
+        verify=""
+        case "$peer" in *-null) verify=--no-verify ;; esac
+        out=$("$BENCH" --socket "$SOCKET" --size "$SIZE" --seconds "$SECONDS_PER_PHASE" $verify) ||
+            die "$peer round $round: bench failed: $out"
+        [ -n "$verify" ] || echo "$out" | grep -q '^VERIFIED' || die "$peer round $round: data not verified"
+        echo "$out" | awk -v p="$peer" '/^RESULT/ {print p, $2, $3, $4}' >>"$RESULTS"
+        log "round $round $peer: $(echo "$out" | awk '/^RESULT/ {printf "%s=%s ", $2, $3}')"
+        stop_server
+    done
+done
+
+# Median IOPS and MiB/s per peer and phase, then the ratios.
+echo
+printf "%-16s" "phase"
+for peer in $PEERS; do printf "%26s" "$peer IOPS (MiB/s)"; done
+echo
+median() { sort -n | awk '{a[NR]=$1} END {if (NR % 2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
+for phase in randwrite-fresh randwrite-over randread seqwrite-1m seqread-1m; do
+    printf "%-16s" "$phase"
+    for peer in $PEERS; do
+        iops=$(awk -v p="$peer" -v f="$phase" '$1==p && $2==f {print $3}' "$RESULTS" | median)
+        mibs=$(awk -v p="$peer" -v f="$phase" '$1==p && $2==f {print $4}' "$RESULTS" | median)
+        eval "M_${peer//-/_}_${phase//-/_}=$iops"
+        printf "%26s" "$iops ($mibs)"
+    done
+    echo
+done
+echo
+ratio() { # ratio A B
+    local phase a b
+    for phase in randwrite-fresh randwrite-over randread seqwrite-1m seqread-1m; do
+        a=$(eval echo "\${M_${1//-/_}_${phase//-/_}:-}")
+        b=$(eval echo "\${M_${2//-/_}_${phase//-/_}:-}")
+        [ -n "$a" ] && [ -n "$b" ] && awk -v a="$a" -v b="$b" -v p="$phase" -v n="$1/$2" \
+            'BEGIN {printf "RATIO %-20s %-16s %.2fx\n", n, p, a / b}'
+    done
+}
+case " $PEERS " in *" uthin "*) case " $PEERS " in *" qsd-disk "*) ratio uthin qsd-disk ;; esac ;; esac
+case " $PEERS " in *" vhost-null "*) case " $PEERS " in *" qsd-null "*) ratio vhost-null qsd-null ;; esac ;; esac
+case " $PEERS " in *" vhost-mem "*) case " $PEERS " in *" qsd-shm "*) ratio vhost-mem qsd-shm ;; esac ;; esac
