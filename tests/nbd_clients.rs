@@ -15,6 +15,25 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use nbd_support::*;
+use serve_support::ServeProcess;
+
+impl Target for ServeProcess {
+    fn tcp_uri(&self, export: &str) -> String {
+        ServeProcess::tcp_uri(self, export)
+    }
+    fn unix_uri(&self, export: &str) -> String {
+        ServeProcess::unix_uri(self, export)
+    }
+    fn create_export(&self, name: &str, size: u64, read_only: bool) {
+        ServeProcess::create_export(self, name, size, read_only)
+    }
+    fn connections(&self) -> usize {
+        ServeProcess::connections(self)
+    }
+    fn description(&self, name: &str) -> String {
+        ServeProcess::description(self, name)
+    }
+}
 
 const MIB: u64 = 1 << 20;
 const LIMIT: Duration = Duration::from_secs(120);
@@ -419,7 +438,7 @@ macro_rules! against_both_servers {
             $( #[test] fn $name() { super::$name(&super::InProcessServer::start()); } )*
         }
         mod serve {
-            $( #[test] fn $name() { super::$name(&super::serve_support::ServeProcess::start_fresh()); } )*
+            $( #[test] fn $name() { super::$name(&super::ServeProcess::start_fresh()); } )*
         }
     };
 }

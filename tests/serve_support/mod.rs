@@ -1,14 +1,13 @@
 //! `uthin serve` as a test target: the real binary on a temporary pool, listening on a free TCP
 //! port of 127.0.0.1 and on a Unix socket, managed with the real command line. Used by the NBD
-//! client tests (as a [`Target`]), the live-management tests and the crash test.
+//! client tests (tests/nbd_clients.rs makes it a `Target`), the live-management and crash tests
+//! (tests/serve_*.rs) and the vhost-user tests.
 #![allow(dead_code)]
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
-
-use crate::nbd_support::Target;
 
 /// The `uthin` binary under test.
 pub fn uthin_bin() -> &'static str {
@@ -232,7 +231,7 @@ fn wait_with_limit(child: &mut Child, limit: Duration, log: &str) -> ExitStatus 
 }
 
 /// The TCP address in the server's "serving pool ...; NBD on A, B; control socket ..." line.
-fn parse_tcp(log: &str) -> Option<String> {
+pub fn parse_tcp(log: &str) -> Option<String> {
     let line = log.lines().find(|l| l.contains("; NBD on "))?;
     let list = line.split("; NBD on ").nth(1)?.split(';').next()?;
     list.split(", ")
@@ -263,17 +262,19 @@ pub fn established_on_port(port: u16) -> usize {
     n
 }
 
-impl Target for ServeProcess {
-    fn tcp_uri(&self, export: &str) -> String {
+impl ServeProcess {
+    /// `nbd://127.0.0.1:PORT/EXPORT`
+    pub fn tcp_uri(&self, export: &str) -> String {
         format!("nbd://{}/{export}", self.tcp)
     }
 
-    fn unix_uri(&self, export: &str) -> String {
+    /// `nbd+unix:///EXPORT?socket=PATH`
+    pub fn unix_uri(&self, export: &str) -> String {
         format!("nbd+unix:///{export}?socket={}", self.unix.display())
     }
 
     /// A volume; a read-only export is a read-only snapshot of a volume named `NAME.origin`.
-    fn create_export(&self, name: &str, size: u64, read_only: bool) {
+    pub fn create_export(&self, name: &str, size: u64, read_only: bool) {
         let size = size.to_string();
         if read_only {
             let origin = format!("{name}.origin");
@@ -284,7 +285,8 @@ impl Target for ServeProcess {
         }
     }
 
-    fn connections(&self) -> usize {
+    /// Established client connections on the NBD TCP port.
+    pub fn connections(&self) -> usize {
         let port = self
             .tcp
             .rsplit(':')
@@ -294,7 +296,8 @@ impl Target for ServeProcess {
         established_on_port(port)
     }
 
-    fn description(&self, name: &str) -> String {
+    /// The NBD description of a volume, as `nbdinfo --list` shows it.
+    pub fn description(&self, name: &str) -> String {
         let list = self.ok(&["list", "--json"]);
         let v: serde_json::Value = serde_json::from_str(&list).expect("list --json");
         let vol = v
