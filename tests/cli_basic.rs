@@ -203,6 +203,31 @@ fn corrupt_metadata_is_reported_not_a_panic() {
 }
 
 #[test]
+fn check_reports_volumes_json_disagreements() {
+    let (_d, pool) = new_pool();
+    ok(&pool, &["create", "a", "--size", "1G"]);
+    let path = pool.join("volumes.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    v["volumes"]["a"]["dev_id"] = serde_json::json!(77);
+    std::fs::write(&path, serde_json::to_string(&v).unwrap()).unwrap();
+    let o = uthin(&pool, &["check"]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(t.contains("names device 77"), "{t}");
+    assert!(t.contains("[1]"), "the real device 1 is now unnamed: {t}");
+    let j: serde_json::Value =
+        serde_json::from_slice(&uthin(&pool, &["check", "--json"]).stdout).unwrap();
+    assert_eq!(j["clean"], false);
+    // The device itself is untouched: list shows it unnamed, adopt names it again.
+    let list = ok(&pool, &["list"]);
+    assert!(
+        list.contains("(unnamed)") && list.contains("(missing)"),
+        "{list}"
+    );
+}
+
+#[test]
 fn a_held_lock_names_its_holder() {
     let (_d, pool) = new_pool();
     // Hold the lock from a child process (flock is per open file description).

@@ -216,6 +216,11 @@ fn run(ops: Vec<Op>) {
                 let map = &mut model.vols.get_mut(&name(i)).unwrap().1;
                 let gone: Vec<u64> = map.range(begin..end).map(|(k, _)| *k).collect();
                 assert_eq!(d.unmapped, gone.len() as u64);
+                let lost: Vec<DataBlock> = gone.iter().map(|k| DataBlock(map[k])).collect();
+                assert_eq!(
+                    d.removed, lost,
+                    "discard reports every block that lost a mapping"
+                );
                 for k in gone {
                     map.remove(&k);
                 }

@@ -23,6 +23,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Number of independently locked parts of the cache.
 pub const NR_SHARDS: usize = 16;
@@ -132,6 +133,9 @@ pub(crate) struct BlockCache {
     io: Arc<dyn BlockIo>,
     shards: Box<[Mutex<Shard>]>,
     shard_cap: usize,
+    /// Some shard may hold more than `shard_cap` blocks (set without a lock held elsewhere, so
+    /// the writer's check after every change costs one atomic load).
+    over_capacity: AtomicBool,
 }
 
 fn same_validator(a: &'static dyn Validator, b: &'static dyn Validator) -> bool {
@@ -147,6 +151,7 @@ impl BlockCache {
             io,
             shards,
             shard_cap: (capacity_blocks / NR_SHARDS).max(2),
+            over_capacity: AtomicBool::new(false),
         }
     }
 
@@ -221,6 +226,9 @@ impl BlockCache {
         // Readers never write: a shard full of dirty blocks stays over its bound until the
         // writer's next eviction or the commit.
         shard.evict(self.shard_cap, None)?;
+        if shard.len > self.shard_cap {
+            self.over_capacity.store(true, Ordering::Release);
+        }
         Ok(data)
     }
 
@@ -325,14 +333,23 @@ impl BlockCache {
             validator: v,
             referenced: true,
         });
+        if shard.len > self.shard_cap {
+            self.over_capacity.store(true, Ordering::Release);
+        }
     }
 
     /// Brings every shard back under its bound, writing dirty victims.
     pub(crate) fn evict_for_writer(&self) -> Result<()> {
+        if !self.over_capacity.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
         for s in self.shards.iter() {
             let mut shard = s.lock();
-            if shard.len > self.shard_cap {
-                shard.evict(self.shard_cap, Some(&*self.io))?;
+            if shard.len > self.shard_cap
+                && let Err(e) = shard.evict(self.shard_cap, Some(&*self.io))
+            {
+                self.over_capacity.store(true, Ordering::Release);
+                return Err(e);
             }
         }
         Ok(())

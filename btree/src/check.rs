@@ -2,6 +2,7 @@
 //! the space maps. The model of `thin_check`; the tests run it after every step.
 
 use crate::btree::{BTree, MAX_DEPTH, U32Value, ValueType};
+use crate::cache::BlockHasher;
 use crate::checksum::{BITMAP_VALIDATOR, BTREE_NODE_VALIDATOR};
 use crate::error::Result;
 use crate::space_map::format::bitmap_get;
@@ -10,12 +11,58 @@ use crate::tm::TransactionManager;
 use crate::{DiskBlock, MetaBlock};
 use std::collections::HashMap;
 use std::fmt;
+use std::hash::BuildHasherDefault;
+
+/// Counts per block: a dense vector for blocks below a bound (the common case: checking is
+/// dominated by counting, so no hashing there), a hash map above it (so a wild block number from
+/// damaged metadata costs one entry, not gigabytes).
+#[derive(Debug, Default, Clone)]
+struct Counts {
+    dense: Vec<u32>,
+    sparse: HashMap<u64, u32, BuildHasherDefault<BlockHasher>>,
+}
+
+/// Blocks counted densely at most (256 MiB of counters).
+const DENSE_LIMIT: u64 = 1 << 26;
+
+impl Counts {
+    fn with_capacity(n: u64) -> Self {
+        Counts {
+            dense: vec![0; n.min(DENSE_LIMIT) as usize],
+            sparse: HashMap::default(),
+        }
+    }
+
+    fn inc(&mut self, b: u64) -> u32 {
+        if b < DENSE_LIMIT {
+            let i = b as usize;
+            if i >= self.dense.len() {
+                let want = (i + 1).max(self.dense.len() * 2).min(DENSE_LIMIT as usize);
+                self.dense.resize(want, 0);
+            }
+            self.dense[i] = self.dense[i].saturating_add(1);
+            self.dense[i]
+        } else {
+            let c = self.sparse.entry(b).or_insert(0);
+            *c = c.saturating_add(1);
+            *c
+        }
+    }
+
+    fn get(&self, b: u64) -> u32 {
+        if b < DENSE_LIMIT {
+            self.dense.get(b as usize).copied().unwrap_or(0)
+        } else {
+            self.sparse.get(&b).copied().unwrap_or(0)
+        }
+    }
+}
 
 /// Reference counts found by walking, and the structural problems seen on the way.
 #[derive(Debug, Default, Clone)]
 pub struct RefCounter {
-    meta: HashMap<u64, u32>,
-    data: HashMap<u64, u32>,
+    meta: Counts,
+    data: Counts,
     problems: Vec<String>,
 }
 
@@ -25,26 +72,34 @@ impl RefCounter {
         Self::default()
     }
 
+    /// An empty counter with room for the given numbers of metadata and data blocks (saves
+    /// regrowing when the sizes are known, e.g. from the space maps).
+    pub fn with_capacity(metadata_blocks: u64, data_blocks: u64) -> Self {
+        RefCounter {
+            meta: Counts::with_capacity(metadata_blocks),
+            data: Counts::with_capacity(data_blocks),
+            problems: Vec::new(),
+        }
+    }
+
     /// Counts one reference to metadata block `b`; returns its count so far.
     pub fn inc_meta(&mut self, b: MetaBlock) -> u32 {
-        let c = self.meta.entry(b.0).or_insert(0);
-        *c += 1;
-        *c
+        self.meta.inc(b.0)
     }
 
     /// Counts one reference to data block `b`.
     pub fn inc_data(&mut self, b: DiskBlock) {
-        *self.data.entry(b.0).or_insert(0) += 1;
+        self.data.inc(b.0);
     }
 
     /// References counted to metadata block `b`.
     pub fn meta(&self, b: MetaBlock) -> u32 {
-        self.meta.get(&b.0).copied().unwrap_or(0)
+        self.meta.get(b.0)
     }
 
     /// References counted to data block `b`.
     pub fn data(&self, b: DiskBlock) -> u32 {
-        self.data.get(&b.0).copied().unwrap_or(0)
+        self.data.get(b.0)
     }
 
     /// Records a structural problem.

@@ -19,6 +19,7 @@
 //! Read-only calls take `&self` and may run on many threads at once (the block cache locks
 //! internally); changes take `&mut self`.
 
+use crate::cache::BlockHasher;
 use crate::cache::{BlockCache, BlockMut};
 use crate::checksum::{BITMAP_VALIDATOR, BTREE_NODE_VALIDATOR, INDEX_VALIDATOR, Validator};
 use crate::error::{Error, OptBlock, Result};
@@ -30,11 +31,12 @@ use crate::space_map::{
 };
 use crate::{Block, DiskBlock, MetaBlock};
 use std::collections::HashSet;
+use std::hash::BuildHasherDefault;
 use std::ops::Deref;
 use std::sync::Arc;
 
 /// Overlay entries a space map may hold before it is flushed mid-transaction (bounds memory).
-const OVERLAY_FLUSH_THRESHOLD: usize = 65_536;
+pub const DEFAULT_OVERLAY_LIMIT: usize = 65_536;
 
 /// Settings of a transaction manager.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,11 +120,13 @@ pub struct TransactionManager {
     pub(crate) cache: Arc<BlockCache>,
     pub(crate) meta: SpaceMap,
     pub(crate) data: Option<SpaceMap>,
-    /// Blocks allocated in this transaction: writable without another copy (unless shared).
-    shadows: HashSet<u64>,
+    /// Blocks allocated in this transaction and referenced once: writable in place. A block
+    /// leaves the set when another reference is taken on it.
+    shadows: HashSet<u64, BuildHasherDefault<BlockHasher>>,
     pub(crate) flushing: bool,
     /// Depth of B-tree operations in progress: housekeeping waits for the outermost to finish.
     pub(crate) nested: u32,
+    overlay_limit: usize,
     poisoned: Option<String>,
 }
 
@@ -143,9 +147,10 @@ impl TransactionManager {
             cache: Arc::new(BlockCache::new(io, cfg.cache_blocks)),
             meta,
             data: None,
-            shadows: HashSet::new(),
+            shadows: HashSet::default(),
             flushing: false,
             nested: 0,
+            overlay_limit: DEFAULT_OVERLAY_LIMIT,
             poisoned: None,
         }
     }
@@ -326,6 +331,13 @@ impl TransactionManager {
         r
     }
 
+    /// Sets how many changed counts a space map buffers in memory before writing them to its
+    /// bitmaps mid-transaction (default [`DEFAULT_OVERLAY_LIMIT`]). Lower means less memory and
+    /// more writes; tests set it low to exercise mid-transaction flushes.
+    pub fn set_overlay_limit(&mut self, entries: usize) {
+        self.overlay_limit = entries.max(1);
+    }
+
     /// Why changes are refused, if an earlier error poisoned this transaction.
     pub fn poisoned(&self) -> Option<&str> {
         self.poisoned.as_deref()
@@ -340,11 +352,11 @@ impl TransactionManager {
             if self
                 .data
                 .as_ref()
-                .is_some_and(|d| d.overlay.len() > OVERLAY_FLUSH_THRESHOLD)
+                .is_some_and(|d| d.overlay.len() > self.overlay_limit)
             {
                 self.flush_sm(SmId::Data)?;
             }
-            if self.meta.overlay.len() > OVERLAY_FLUSH_THRESHOLD {
+            if self.meta.overlay.len() > self.overlay_limit {
                 self.flush_sm(SmId::Metadata)?;
             }
             self.cache.evict_for_writer()
@@ -431,10 +443,13 @@ impl TransactionManager {
                 "block 0 holds the superblock and is never shadowed".into(),
             ));
         }
-        let shared = self.sm_get(SmId::Metadata, orig.0)? > 1;
-        if !shared && self.shadows.contains(&orig.0) {
+        // A block in the shadow set was allocated in this transaction and nobody took another
+        // reference on it since (`inc` removes it from the set), so its count is 1: write it in
+        // place without looking the count up.
+        if self.shadows.contains(&orig.0) {
             return Ok((self.cache.take(orig, v)?, false));
         }
+        let shared = self.sm_get(SmId::Metadata, orig.0)? > 1;
         let src = self.read_block(orig, v)?;
         self.cache.evict_for_writer()?;
         let new = MetaBlock(self.sm_alloc(SmId::Metadata)?);
@@ -450,6 +465,8 @@ impl TransactionManager {
         let r = self
             .guard_super(b)
             .and_then(|_| self.sm_inc(SmId::Metadata, b.0));
+        // Shared now: the next change must copy it, even though it is new in this transaction.
+        self.shadows.remove(&b.0);
         self.poison_on_err(r)
     }
 

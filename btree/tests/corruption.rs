@@ -180,3 +180,116 @@ fn flipped_bytes_in_every_block_are_reported_never_trusted() {
     println!("corruption cases: {cases}, errors reported: {detected}");
     assert!(detected > 100, "only {detected} damaged blocks noticed");
 }
+
+/// Damage that a checksum cannot catch: a buggy writer sealed nonsense (header fields, keys,
+/// values, bitmap words out of line with the index). Data may then be wrong, but nothing may
+/// panic or loop: every call returns.
+#[test]
+fn sealed_nonsense_never_panics() {
+    use uthin_btree::checksum::{BITMAP_VALIDATOR, BTREE_NODE_VALIDATOR, INDEX_VALIDATOR};
+    let (base, model) = build();
+    let validators: [&'static dyn Validator; 4] = [
+        &SB_VALIDATOR,
+        &BTREE_NODE_VALIDATOR,
+        &BITMAP_VALIDATOR,
+        &INDEX_VALIDATOR,
+    ];
+    let mut seed = 0x853c_49e6_748f_ea9bu64;
+    let mut rnd = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut cases = 0;
+    for b in 0..META_BLOCKS {
+        if base.is_unwritten(MetaBlock(b)) {
+            continue;
+        }
+        let mut raw = [0u8; BLOCK_SIZE];
+        base.read(MetaBlock(b), &mut raw).unwrap();
+        let Some(v) = validators
+            .iter()
+            .find(|v| v.check(MetaBlock(b), &raw).is_ok())
+        else {
+            panic!("block {b} matches no validator");
+        };
+        // Header fields (flags, nr_entries, max_entries, value_size; the superblock's roots),
+        // the first keys and values, and random words.
+        let mut offsets: Vec<usize> =
+            vec![4, 16, 20, 24, 48, 64, 80, 192, 208, 320, 328, 32, 40, 2048];
+        for _ in 0..4 {
+            offsets.push(16 + (rnd() as usize % (BLOCK_SIZE - 24)));
+        }
+        for off in offsets {
+            for pattern in [0u64, u64::MAX, 0x8000_0000, rnd()] {
+                let img = base.snapshot();
+                img.modify_block(MetaBlock(b), |d| {
+                    d[off..off + 8].copy_from_slice(&pattern.to_le_bytes());
+                    v.seal(MetaBlock(b), d);
+                })
+                .unwrap();
+                let r = catch_unwind(AssertUnwindSafe(|| {
+                    // Wrong data is possible here; panics from the library are not.
+                    exercise_tolerant(img, &model)
+                }));
+                assert!(
+                    r.is_ok(),
+                    "block {b} ({:?}) offset {off} pattern {pattern:#x}: panic",
+                    v.kind()
+                );
+                cases += 1;
+            }
+        }
+    }
+    println!("sealed-nonsense cases: {cases}");
+}
+
+/// Like `exercise`, without asserting the data (it may be legitimately wrong): just runs every
+/// operation and ignores the results.
+fn exercise_tolerant(img: MemIo, model: &Model) {
+    let io: Arc<dyn BlockIo> = Arc::new(img);
+    let Ok((mut tm, sb)) = open(io, 64, 0) else {
+        return;
+    };
+    let mut top = BTree::<Top>::open(MetaBlock(sb.mapping_root));
+    let det = BTree::<Details>::open(MetaBlock(sb.details_root));
+    let _ = top.iter(&tm, ..).take(100).count();
+    for dev in model.keys() {
+        if let Ok(Some(root)) = top.lookup(&tm, *dev) {
+            let t = BTree::<Leaf>::open(root);
+            let _ = t.iter(&tm, ..).take(20_000).count();
+            let _ = t.count(&tm);
+            for k in (0..8000).step_by(397) {
+                let _ = t.lookup_shared(&tm, k);
+                let _ = t.lookup_le(&tm, k);
+                let _ = t.lookup_ge(&tm, k);
+            }
+        }
+        let _ = det.lookup(&tm, *dev);
+    }
+    let _ = recount(&tm, |tm, c| {
+        count_btree::<Top>(tm, top.root(), c)?;
+        count_btree::<Details>(tm, det.root(), c)
+    });
+    for _ in 0..50 {
+        let Ok(b) = tm.data_alloc() else { break };
+        let _ = tm.data_count(b);
+    }
+    let _ = top.update_value(&mut tm, 2, |tm, root| {
+        let mut t = BTree::<Leaf>::open(*root);
+        t.insert(tm, 1, &(1 << 24))?;
+        t.remove_range(tm, 100..400, |_, _| {})?;
+        *root = t.root();
+        Ok(())
+    });
+    let _ = top.remove(&mut tm, 4);
+    let _ = top.remove(&mut tm, 5);
+    let sb2 = TestSuper {
+        trans_id: 8,
+        mapping_root: top.root().0,
+        details_root: det.root().0,
+        ..Default::default()
+    };
+    let _ = commit(&mut tm, &sb2);
+}

@@ -128,8 +128,14 @@ impl Pool {
 }
 
 /// Runs the workload on `io`; returns the model of every committed transaction.
-fn run_workload(io: Arc<FaultyIo>, transactions: u64, seed: u64) -> Vec<Model> {
+fn run_workload(
+    io: Arc<FaultyIo>,
+    transactions: u64,
+    seed: u64,
+    overlay_limit: usize,
+) -> Vec<Model> {
     let mut tm = TransactionManager::format(io, &TmConfig { cache_blocks: 48 }).unwrap();
+    tm.set_overlay_limit(overlay_limit);
     tm.create_data_sm(20_000).unwrap();
     let mut top = BTree::<Top>::create(&mut tm).unwrap();
     let det = BTree::<Details>::create(&mut tm).unwrap();
@@ -217,10 +223,11 @@ fn every_sync_point_with_lost_reordered_and_torn_writes() {
     let start = std::time::Instant::now();
     let mut states = 0u64;
     let mut thin_checked = 0;
-    for seed in [0x1234_5678u64, 0x9abc_def1] {
+    // The second workload also flushes its space maps into their bitmaps mid-transaction.
+    for (seed, overlay_limit) in [(0x1234_5678u64, 1 << 16), (0x9abc_def1, 16)] {
         let base = MemIo::new(1024);
         let io = Arc::new(FaultyIo::recording(&base));
-        let models = run_workload(io.clone(), 30, seed);
+        let models = run_workload(io.clone(), 30, seed, overlay_limit);
         let epochs = io.history().epochs();
         assert!(epochs.len() > 60, "{} sync points", epochs.len());
         for (k, epoch) in epochs.iter().enumerate() {
@@ -286,7 +293,7 @@ fn io_errors_poison_the_transaction_and_leave_the_last_commit() {
         (IoOp::Read, 0),
     ] {
         let io = Arc::new(FaultyIo::new(1024));
-        let models = run_workload(io.clone(), 3, 99);
+        let models = run_workload(io.clone(), 3, 99, 1 << 16);
         let (mut tm, sb) = open(io.clone(), 16, 0).unwrap();
         assert_eq!(sb.trans_id, 3);
         let mut top = BTree::<Top>::open(MetaBlock(sb.mapping_root));

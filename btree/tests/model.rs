@@ -10,6 +10,7 @@ use proptest::prelude::*;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use uthin_btree::check::count_btree;
+use uthin_btree::tm::DEFAULT_OVERLAY_LIMIT;
 use uthin_btree::*;
 
 type Leaf = DataRef<0>;
@@ -77,13 +78,15 @@ struct World {
     committed: (Model, u64),
     next_id: u64,
     trans: u64,
+    cache_blocks: usize,
+    overlay_limit: usize,
 }
 
 impl World {
-    fn new() -> Self {
+    fn new(cache_blocks: usize, overlay_limit: usize) -> Self {
         let io = Arc::new(MemIo::new(3000));
-        let mut tm =
-            TransactionManager::format(io.clone(), &TmConfig { cache_blocks: 256 }).unwrap();
+        let mut tm = TransactionManager::format(io.clone(), &TmConfig { cache_blocks }).unwrap();
+        tm.set_overlay_limit(overlay_limit);
         tm.create_data_sm(40_000).unwrap();
         let mut top = BTree::<Top>::create(&mut tm).unwrap();
         let r = BTree::<Leaf>::create(&mut tm).unwrap().root();
@@ -98,6 +101,8 @@ impl World {
             committed: (Model::new(), 0),
             next_id: 1,
             trans: 0,
+            cache_blocks,
+            overlay_limit,
         };
         w.commit();
         w
@@ -227,8 +232,9 @@ impl World {
             }
             Op::Commit => self.commit(),
             Op::Reopen => {
-                let (tm, sb) = open(self.io.clone(), 256, 0).unwrap();
+                let (mut tm, sb) = open(self.io.clone(), self.cache_blocks, 0).unwrap();
                 assert_eq!(sb.trans_id, self.trans);
+                tm.set_overlay_limit(self.overlay_limit);
                 self.tm = tm;
                 self.top = BTree::open(MetaBlock(sb.mapping_root));
                 self.model = self.committed.0.clone();
@@ -261,8 +267,36 @@ impl World {
                     let holders = self.model.values().filter(|o| o.get(k) == Some(v)).count();
                     prop_assert_eq!(exclusive, holders == 1, "tree {} key {} block {}", id, k, v);
                 }
-                if let Some((k, _)) = m.iter().next() {
-                    prop_assert_eq!(t.lookup_ge(&self.tm, 0).unwrap().map(|x| x.0), Some(*k));
+                // Nearest-key lookups and bounded iteration at keys spread over the key space
+                // (present, absent, below and above everything).
+                use std::ops::Bound::*;
+                for probe in (0..KEYS + 10).step_by(211).chain([0, u64::MAX]) {
+                    let le = m.range(..=probe).next_back().map(|(k, v)| (*k, *v));
+                    let ge = m.range(probe..).next().map(|(k, v)| (*k, *v));
+                    prop_assert_eq!(
+                        t.lookup_le(&self.tm, probe).unwrap(),
+                        le,
+                        "lookup_le {}",
+                        probe
+                    );
+                    prop_assert_eq!(
+                        t.lookup_ge(&self.tm, probe).unwrap(),
+                        ge,
+                        "lookup_ge {}",
+                        probe
+                    );
+                    let hi = probe.saturating_add(313);
+                    for (lo_b, hi_b) in [
+                        (Included(probe), Excluded(hi)),
+                        (Excluded(probe), Included(hi)),
+                        (Excluded(probe), Unbounded),
+                    ] {
+                        let got: Vec<(u64, u64)> =
+                            t.iter(&self.tm, (lo_b, hi_b)).map(|r| r.unwrap()).collect();
+                        let want: Vec<(u64, u64)> =
+                            m.range((lo_b, hi_b)).map(|(k, v)| (*k, *v)).collect();
+                        prop_assert_eq!(got, want, "iter {:?}..{:?}", lo_b, hi_b);
+                    }
                 }
             }
         }
@@ -275,15 +309,26 @@ proptest! {
 
     #[test]
     fn trees_and_space_maps_match_the_model(ops in proptest::collection::vec(op(), 1..80)) {
-        let mut w = World::new();
-        for (i, op) in ops.iter().enumerate() {
-            w.apply(op);
-            w.check(i % 8 == 7 || i + 1 == ops.len())?;
-        }
-        w.commit();
-        w.check(true)?;
-        let (tm, _) = open(w.io.clone(), 256, 0).unwrap();
-        w.tm = tm;
-        w.check(true)?;
+        run(World::new(256, DEFAULT_OVERLAY_LIMIT), &ops)?;
     }
+
+    /// The same with a tiny cache (dirty blocks written early all the time) and space maps that
+    /// flush their overlays into the bitmaps every few changes, mid-transaction.
+    #[test]
+    fn with_early_writes_and_mid_transaction_flushes(ops in proptest::collection::vec(op(), 1..60)) {
+        run(World::new(24, 7), &ops)?;
+    }
+}
+
+fn run(mut w: World, ops: &[Op]) -> std::result::Result<(), TestCaseError> {
+    for (i, op) in ops.iter().enumerate() {
+        w.apply(op);
+        w.check(i % 8 == 7 || i + 1 == ops.len())?;
+    }
+    w.commit();
+    w.check(true)?;
+    let (tm, _) = open(w.io.clone(), 256, 0).unwrap();
+    w.tm = tm;
+    w.check(true)?;
+    Ok(())
 }

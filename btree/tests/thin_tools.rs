@@ -352,3 +352,48 @@ fn thin_check_notices_a_count_we_got_wrong() {
         "thin_check missed a wrong count:\n{text}"
     );
 }
+
+#[test]
+fn thin_check_accepts_grown_space_maps() {
+    // Metadata grown past its first bitmap, data grown across bitmaps, then used.
+    let dir = tempfile::tempdir().unwrap();
+    let io = Arc::new(MemIo::new(1000));
+    let mut tm = TransactionManager::format(io.clone(), &TmConfig::default()).unwrap();
+    tm.create_data_sm(5000).unwrap();
+    let mut top = BTree::<Top>::create(&mut tm).unwrap();
+    let mut det = BTree::<Details>::create(&mut tm).unwrap();
+    let mut sb = TestSuper {
+        trans_id: 1,
+        data_block_sectors: 128,
+        metadata_nr_blocks: 1000,
+        ..Default::default()
+    };
+    sb.mapping_root = top.root().0;
+    sb.details_root = det.root().0;
+    commit(&mut tm, &sb).unwrap();
+    tm.extend(20_000).unwrap();
+    tm.data_extend(50_000).unwrap();
+    let r = BTree::<Mapping>::create(&mut tm).unwrap().root();
+    top.insert(&mut tm, 0, &r).unwrap();
+    let mut n = 0u64;
+    for vb in (0..40_000u64).step_by(2) {
+        let b = tm.data_alloc().unwrap();
+        top.update_value(&mut tm, 0, |tm, root| {
+            let mut t = BTree::<Mapping>::open(*root);
+            t.insert(tm, vb, &(b.0 << 24))?;
+            *root = t.root();
+            Ok(())
+        })
+        .unwrap();
+        n += 1;
+    }
+    det.insert(&mut tm, 0, &details(n, 1, 0, 0)).unwrap();
+    sb.trans_id = 2;
+    sb.metadata_nr_blocks = 20_000;
+    sb.mapping_root = top.root().0;
+    sb.details_root = det.root().0;
+    commit(&mut tm, &sb).unwrap();
+    let path = dir.path().join("meta");
+    std::fs::write(&path, io.to_bytes()).unwrap();
+    thin_check_clean(&path);
+}

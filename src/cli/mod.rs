@@ -86,6 +86,31 @@ pub enum Command {
     },
     /// Check the metadata and volumes.json: every tree, every reference count.
     Check(CheckArgs),
+    /// Show how two volumes differ (thin_delta's XML); a volume is a name or a device id.
+    Delta {
+        /// Left volume.
+        left: String,
+        /// Right volume.
+        right: String,
+    },
+    /// Print the metadata as thin_dump's XML.
+    Dump {
+        /// Write to this file instead of stdout.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// Create a pool from thin_dump's XML (as thin_restore does); devices get no names.
+    Restore {
+        /// The XML file.
+        #[arg(short, long, value_name = "FILE")]
+        input: PathBuf,
+        /// Metadata size (default: thin_metadata_size's rule).
+        #[arg(long, value_parser = size_arg)]
+        metadata_size: Option<u64>,
+        /// Destroy an existing pool in the directory.
+        #[arg(long)]
+        force: bool,
+    },
     /// Serve volumes over NBD and vhost-user-blk.
     Serve {
         /// Anything; this build has no server.
@@ -334,6 +359,44 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 return Ok(ExitCode::from(EXIT_ERROR));
             }
         }
+        Command::Delta { left, right } => {
+            let pool = Pool::open(&dir)?;
+            let l = resolve_volume(&pool, &left)?;
+            let r = resolve_volume(&pool, &right)?;
+            print!("{}", crate::tools::delta::delta_xml(&pool, l, r)?);
+        }
+        Command::Dump { output } => {
+            let pool = Pool::open(&dir)?;
+            let xml = crate::tools::dump::dump_xml(&pool)?;
+            match output {
+                Some(path) => std::fs::write(&path, xml).map_err(|e| {
+                    CliError::Other(format!("cannot write {}: {e}", path.display()))
+                })?,
+                None => print!("{xml}"),
+            }
+        }
+        Command::Restore {
+            input,
+            metadata_size,
+            force,
+        } => {
+            let text = std::fs::read_to_string(&input)
+                .map_err(|e| CliError::Other(format!("cannot read {}: {e}", input.display())))?;
+            let xml = crate::tools::xml::parse_xml(&text)
+                .map_err(|e| CliError::Other(format!("{}: {e}", input.display())))?;
+            let pool = crate::tools::restore::restore(&dir, &xml, metadata_size, force)?;
+            let st = pool.status()?;
+            if json {
+                print_json(&status_json(&dir, &st));
+            } else {
+                println!(
+                    "restored {} devices into {} (transaction {})",
+                    st.device_count,
+                    dir.display(),
+                    st.transaction_id
+                );
+            }
+        }
         Command::Serve { .. } => {
             return Err(CliError::Other(
                 "`serve` is not available in this build (the NBD/vhost servers are not linked in)"
@@ -342,6 +405,17 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A volume given by name, or by device id for devices without one.
+fn resolve_volume(pool: &Pool, arg: &str) -> Result<DevId, PoolError> {
+    match pool.volume(arg) {
+        Ok(v) => Ok(v.dev_id),
+        Err(e) => match arg.parse::<u32>() {
+            Ok(id) if pool.list()?.iter().any(|v| v.dev_id.0 == id && !v.missing) => Ok(DevId(id)),
+            _ => Err(e),
+        },
+    }
 }
 
 fn report_volume(json: bool, verb: &str, v: &VolumeInfo) {

@@ -167,8 +167,21 @@ impl PoolLock {
             .truncate(false)
             .open(&path)
             .map_err(|e| PoolError::io(format!("cannot open lock file {}", path.display()), e))?;
-        // SAFETY: flock on an fd we own; no memory is passed.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        // A few short retries: a process that just released the lock may still be visible
+        // as its holder for an instant (a child forked while it held the lock keeps the lock's
+        // file description until its exec closes it).
+        let mut rc = -1;
+        for attempt in 0..20 {
+            // SAFETY: flock on an fd we own; no memory is passed.
+            rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EWOULDBLOCK)
+            {
+                break;
+            }
+            if attempt < 19 {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
         if rc != 0 {
             let err = std::io::Error::last_os_error();
             if err.raw_os_error() == Some(libc::EWOULDBLOCK) {

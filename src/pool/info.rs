@@ -112,7 +112,12 @@ pub struct Mapping {
 pub struct Discarded {
     /// Virtual blocks that had a mapping and lost it.
     pub unmapped: u64,
-    /// Data blocks whose count reached 0 (freed in this transaction; punched after commit).
+    /// Every data block that lost a mapping (in virtual block order): these are now less
+    /// shared than in the last commit, so the data path must not overwrite them in place
+    /// before the next commit (a crash would bring the old sharer back).
+    pub removed: Vec<DataBlock>,
+    /// Data blocks whose count reached 0 (freed in this transaction; punched after commit);
+    /// a subset of `removed`.
     pub freed: Vec<DataBlock>,
 }
 

@@ -199,6 +199,25 @@ impl Metadata {
         Ok(self.tm.nr_free())
     }
 
+    /// Metadata blocks one more change plus the commit after it may need in the worst case:
+    /// every path shadowed and split (two trees of up to ~8 levels, both space maps' index
+    /// paths and reference-count trees), and at commit a shadow of every space-map bitmap the
+    /// transaction touched (at most all of them). dm-thin keeps such a reserve too.
+    pub(crate) fn metadata_reserve(&self) -> u64 {
+        use uthin_btree::space_map::ENTRIES_PER_BITMAP;
+        256 + self.data_nr_blocks().div_ceil(ENTRIES_PER_BITMAP)
+            + self.metadata_nr_blocks().div_ceil(ENTRIES_PER_BITMAP)
+    }
+
+    /// Refuses a change, before making it, when the metadata could run out half-way (which
+    /// would abort the whole open transaction).
+    pub(crate) fn check_metadata_space(&self) -> Result<()> {
+        if self.metadata_nr_free()? < self.metadata_reserve() {
+            return Err(PoolError::NoMetadataSpace);
+        }
+        Ok(())
+    }
+
     pub(crate) fn data_count(&self, b: DataBlock) -> Result<u32> {
         Ok(self.tm.data_count(DiskBlock(b.0))?)
     }
@@ -271,6 +290,7 @@ impl Metadata {
     /// dm's `create_thin`: an empty block tree and fresh details.
     pub(crate) fn create_thin(&mut self, dev: DevId) -> Result<()> {
         self.check_new_dev(dev)?;
+        self.check_metadata_space()?;
         self.changed = true;
         let tree = BlockTree::create(&mut self.tm)?;
         let mut top = self.top();
@@ -289,6 +309,7 @@ impl Metadata {
     /// pool time, record the snapshot time on both devices.
     pub(crate) fn create_snapshot(&mut self, dev: DevId, origin: DevId) -> Result<()> {
         self.check_new_dev(dev)?;
+        self.check_metadata_space()?;
         let origin_root = self.device_root(origin)?;
         let mut origin_details = self.existing_details(origin)?;
         self.changed = true;
@@ -373,6 +394,7 @@ impl Metadata {
             return Err(PoolError::OutOfRange { dev, vblock });
         }
         self.device_root(dev)?;
+        self.check_metadata_space()?;
         let count = self.data_count(block)?;
         if count != 0 {
             return Err(PoolError::InvalidArgument(format!(
@@ -412,6 +434,7 @@ impl Metadata {
         if end <= begin {
             return Ok(Discarded::default());
         }
+        self.check_metadata_space()?;
         self.changed = true;
         let mut removed_blocks = Vec::new();
         let mut top = self.top();
@@ -427,12 +450,72 @@ impl Metadata {
         let unmapped = removed.ok_or(PoolError::NoSuchDevice(dev.0))?;
         self.adjust_mapped(dev, -(unmapped as i64))?;
         let mut freed = Vec::new();
-        for b in removed_blocks {
-            if self.data_count(b)? == 0 {
-                freed.push(b);
+        for b in &removed_blocks {
+            if self.data_count(*b)? == 0 {
+                freed.push(*b);
             }
         }
-        Ok(Discarded { unmapped, freed })
+        Ok(Discarded {
+            unmapped,
+            removed: removed_blocks,
+            freed,
+        })
+    }
+
+    /// Restore: a device with the given details and an empty tree.
+    pub(crate) fn restore_device(&mut self, dev: DevId, d: DeviceDetails) -> Result<()> {
+        self.check_new_dev(dev)?;
+        self.changed = true;
+        let tree = BlockTree::create(&mut self.tm)?;
+        let mut top = self.top();
+        top.insert(&mut self.tm, u64::from(dev.0), &tree.root())?;
+        self.sb.data_mapping_root = top.root().0;
+        self.put_details(dev, d)
+    }
+
+    /// Restore: maps `vblock` of `dev` to `bt`, taking one more reference on the data block
+    /// (restored devices may share blocks). Mapped-block counts come from the details given to
+    /// [`Metadata::restore_device`].
+    pub(crate) fn restore_mapping(
+        &mut self,
+        dev: DevId,
+        vblock: VirtBlock,
+        bt: BlockTime,
+    ) -> Result<()> {
+        if bt.block.0 >= self.data_nr_blocks() {
+            return Err(PoolError::InvalidArgument(format!(
+                "device {}: {vblock} maps to {}, outside the pool's {} data blocks",
+                dev.0,
+                bt.block,
+                self.data_nr_blocks()
+            )));
+        }
+        self.changed = true;
+        self.tm.data_inc(DiskBlock(bt.block.0))?;
+        let value = bt.pack();
+        let mut top = self.top();
+        let old = top.update_value(&mut self.tm, u64::from(dev.0), |tm, root| {
+            let mut tree = BlockTree::open(*root);
+            let old = tree.insert(tm, vblock.0, &value)?;
+            *root = tree.root();
+            Ok(old)
+        })?;
+        self.sb.data_mapping_root = top.root().0;
+        match old {
+            None => Err(PoolError::NoSuchDevice(dev.0)),
+            Some(Some(_)) => Err(PoolError::InvalidArgument(format!(
+                "device {}: {vblock} is mapped twice",
+                dev.0
+            ))),
+            Some(None) => Ok(()),
+        }
+    }
+
+    /// Restore: the pool time and transaction id.
+    pub(crate) fn restore_header(&mut self, time: u32, transaction_id: u64) {
+        self.sb.time = time;
+        self.sb.transaction_id = transaction_id;
+        self.changed = true;
     }
 
     /// Calls `f` for every mapping of `dev`, in virtual block order.
@@ -447,6 +530,18 @@ impl Metadata {
             f(VirtBlock(k), BlockTime::unpack(v))?;
         }
         Ok(())
+    }
+
+    /// The mappings of `dev` in virtual block order, one leaf in memory at a time.
+    pub(crate) fn iter_mappings(
+        &self,
+        dev: DevId,
+    ) -> Result<impl Iterator<Item = Result<(VirtBlock, BlockTime)>> + '_> {
+        let root = self.device_root(dev)?;
+        Ok(BlockTree::open(root).iter(&self.tm, ..).map(|e| {
+            e.map(|(k, v)| (VirtBlock(k), BlockTime::unpack(v)))
+                .map_err(PoolError::from)
+        }))
     }
 
     pub(crate) fn grow_data(&mut self, nr_blocks: u64) -> Result<()> {

@@ -174,6 +174,11 @@ impl Pool {
         if !opts.force && (paths.metadata().exists() && has_superblock(&paths.metadata())) {
             return Err(PoolError::PoolExists(dir.to_path_buf()));
         }
+        if opts.force && !files::is_block_device(&paths.data()) {
+            // A recreated pool must not show the old pool's data in fresh blocks: start from an
+            // empty sparse file.
+            let _ = std::fs::remove_file(paths.data());
+        }
         files::ensure_size(&paths.data(), nr_data_blocks * opts.block_size)?;
         let io = match hooks.metadata_io {
             Some(io) => io,
@@ -236,7 +241,8 @@ impl Pool {
             None => metadata::file_io(&paths.metadata())?,
         };
         let meta = Metadata::open(io)?;
-        if let Ok(f) = files::open_rw(&paths.data()) {
+        {
+            let f = files::open_rw(&paths.data())?;
             let have = files::file_or_device_size(&f, &paths.data())?;
             let need = meta.data_nr_blocks() * meta.data_block_size();
             if have < need {
@@ -299,6 +305,16 @@ impl Pool {
 
     pub(crate) fn metadata(&self) -> &Metadata {
         &self.meta
+    }
+
+    pub(crate) fn metadata_mut(&mut self) -> &mut Metadata {
+        &mut self.meta
+    }
+
+    /// Makes volumes.json agree with the metadata's transaction id after a restore.
+    pub(crate) fn sync_volumes_txid(&mut self) -> Result<()> {
+        self.volumes.transaction_id = self.meta.transaction_id();
+        self.store.write(&self.volumes)
     }
 
     /// The names file as it stands (for `check`).
@@ -716,30 +732,71 @@ impl Pool {
     pub fn reserve_data_block(&self) -> Result<Reservation> {
         let mut a = self.alloc.lock();
         let total = self.meta.data_nr_blocks();
-        let mut from = a.cursor.min(total);
-        let mut wrapped = false;
-        loop {
-            match self.meta.find_free_data_block(from)? {
-                Some(b) if a.reserved.contains(&b.0) || a.quarantined.contains(&b.0) => {
-                    from = b.0 + 1;
-                }
-                Some(b) => {
-                    a.reserved.insert(b.0);
-                    a.cursor = b.0 + 1;
-                    return Ok(Reservation { block: b });
-                }
-                None if !wrapped && from > 0 => {
-                    wrapped = true;
-                    from = 0;
-                }
-                None => return Err(PoolError::NoDataSpace { total }),
+        let b = self.find_usable(&a, a.cursor.min(total), total)?;
+        a.reserved.insert(b.0);
+        a.cursor = b.0 + 1;
+        Ok(Reservation { block: b })
+    }
+
+    /// Reserves up to `max` data blocks at once (at least one): the first usable block at or
+    /// after `near` (else after the pool's cursor), then the blocks right after it for as long
+    /// as they are usable, so a large write gets consecutive data blocks and each volume can
+    /// keep its own locality hint. [`PoolError::NoDataSpace`] when none is left.
+    pub fn reserve_data_blocks(
+        &self,
+        near: Option<DataBlock>,
+        max: usize,
+    ) -> Result<Vec<Reservation>> {
+        let mut a = self.alloc.lock();
+        let total = self.meta.data_nr_blocks();
+        let start = near.map_or(a.cursor, |b| b.0).min(total);
+        let first = self.find_usable(&a, start, total)?;
+        let mut out = vec![Reservation { block: first }];
+        a.reserved.insert(first.0);
+        let mut next = first.0 + 1;
+        while out.len() < max.max(1) && next < total {
+            let usable = !a.reserved.contains(&next)
+                && !a.quarantined.contains(&next)
+                && self.meta.find_free_data_block(next)? == Some(DataBlock(next));
+            if !usable {
+                break;
             }
+            a.reserved.insert(next);
+            out.push(Reservation {
+                block: DataBlock(next),
+            });
+            next += 1;
+        }
+        if near.is_none() {
+            a.cursor = next;
+        }
+        Ok(out)
+    }
+
+    /// The first block at or after `from` (wrapping once) free in both space maps and neither
+    /// reserved nor waiting for its hole punch.
+    fn find_usable(&self, a: &Allocator, from: u64, total: u64) -> Result<DataBlock> {
+        let mut from = from;
+        let mut wrapped = from == 0;
+        loop {
             if from >= total {
                 if wrapped {
                     return Err(PoolError::NoDataSpace { total });
                 }
                 wrapped = true;
                 from = 0;
+                continue;
+            }
+            match self.meta.find_free_data_block(from)? {
+                Some(b) if a.reserved.contains(&b.0) || a.quarantined.contains(&b.0) => {
+                    from = b.0 + 1;
+                }
+                Some(b) => return Ok(b),
+                None if !wrapped => {
+                    wrapped = true;
+                    from = 0;
+                }
+                None => return Err(PoolError::NoDataSpace { total }),
             }
         }
     }

@@ -204,7 +204,7 @@ fn check_metadata(
     let sb = &meta.sb;
     report.transaction_id = sb.transaction_id;
     let nr_data = meta.data_nr_blocks();
-    let mut c = RefCounter::new();
+    let mut c = RefCounter::with_capacity(meta.metadata_nr_blocks(), nr_data);
     // Walk errors make the counts incomplete; comparing them would only add false alarms.
     let mut complete = true;
     c.inc_meta(MetaBlock(0));
@@ -501,4 +501,75 @@ fn check_volumes(
         }
     }
     report.unnamed = devices.difference(&seen).copied().collect();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disc(expected: u64, actual: u64, what: &'static str) -> Discrepancy {
+        Discrepancy {
+            space: "data",
+            block: Some(42),
+            expected,
+            actual,
+            what,
+        }
+    }
+
+    #[test]
+    fn discrepancies_are_named_by_kind_and_block() {
+        let cases = [
+            (disc(0, 1, "reference count"), ProblemKind::Leaked),
+            (disc(2, 0, "reference count"), ProblemKind::Dangling),
+            (disc(3, 1, "reference count"), ProblemKind::DoublyOwned),
+            (disc(1, 2, "reference count"), ProblemKind::Leaked),
+        ];
+        for (d, kind) in cases {
+            let mut r = CheckReport::default();
+            add_discrepancy(&mut r, &d);
+            assert_eq!(r.problems.len(), 1);
+            assert_eq!(r.problems[0].kind, kind, "{d}");
+            assert!(
+                r.problems[0].message.contains("block 42"),
+                "{:?}",
+                r.problems
+            );
+            assert!(!r.is_clean());
+            assert!(r.to_text().contains(kind.label()));
+        }
+        // Search hints are not problems (thin_restore writes them inexact).
+        let mut r = CheckReport::default();
+        add_discrepancy(&mut r, &disc(5, 4, "free entries of bitmap"));
+        assert!(r.is_clean());
+    }
+
+    #[test]
+    fn volumes_disagreements_name_the_device() {
+        let mut v = VolumesFile::new(3);
+        for (name, dev) in [("a", 1), ("b", 5), ("c", 5)] {
+            v.volumes.insert(
+                name.into(),
+                crate::pool::volumes::VolumeRecord {
+                    name: name.into(),
+                    dev_id: dev,
+                    size: 1,
+                    read_only: false,
+                    origin: None,
+                    created: String::new(),
+                },
+            );
+        }
+        let devices: BTreeSet<u32> = [1, 2].into_iter().collect();
+        let mut r = CheckReport::default();
+        check_volumes(Some(&v), &devices, 4, &mut r);
+        let text = r.to_text();
+        assert!(
+            text.contains("transaction 3 but the metadata at 4"),
+            "{text}"
+        );
+        assert!(text.contains("names device 5"), "{text}");
+        assert!(text.contains("device 5 has more than one name"), "{text}");
+        assert_eq!(r.unnamed, vec![2]);
+    }
 }

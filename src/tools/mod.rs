@@ -2,5 +2,7 @@
 //! shared with thin_dump/thin_restore.
 
 pub mod check;
+pub mod delta;
 pub mod dump;
+pub mod restore;
 pub mod xml;

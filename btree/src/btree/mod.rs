@@ -90,6 +90,12 @@ enum Plan {
 impl<V: ValueType> BTree<V> {
     /// Creates an empty tree (one empty leaf).
     pub fn create(tm: &mut TransactionManager) -> Result<Self> {
+        if node::max_entries(V::SIZE) < 3 {
+            return Err(Error::Unsupported(format!(
+                "{}-byte values do not fit three to a node",
+                V::SIZE
+            )));
+        }
         let mut leaf = tm.new_block(&BTREE_NODE_VALIDATOR)?;
         node::init(&mut leaf, true, V::SIZE);
         Ok(BTree::open(leaf.nr()))
@@ -659,16 +665,23 @@ impl<V: ValueType> BTree<V> {
                 )));
             };
             let mut v = V::unpack(n.value(i));
-            let leaf_nr = leaf.nr();
             drop(leaf);
             let out = f(tm, &mut v)?;
-            // The path is already writable: this finds the same leaf and copies nothing.
-            let (mut leaf, _) = tm.shadow(leaf_nr, &BTREE_NODE_VALIDATOR)?;
-            if leaf.nr() != leaf_nr {
-                return Err(Error::Internal(format!(
-                    "{leaf_nr} was shared again while updating"
-                )));
+            // Find the value again rather than trusting the old position: cheap (the path is
+            // writable already, nothing is copied) and right even if `f` changed this tree.
+            let (_, mut leaf) = self.shadow_path(tm, key)?;
+            let h = node::parse(leaf.nr(), &leaf, V::SIZE)?;
+            let found = Node {
+                nr: leaf.nr(),
+                data: &leaf,
+                h,
             }
+            .search(key);
+            let Ok(i) = found else {
+                return Err(Error::Internal(format!(
+                    "key {key} vanished while its value was updated"
+                )));
+            };
             let mut packed = vec![0u8; V::SIZE];
             V::pack(&v, &mut packed);
             node::set_value(&mut leaf, &h, i, &packed);

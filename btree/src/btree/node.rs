@@ -72,7 +72,7 @@ pub(crate) fn parse(nr: MetaBlock, data: &Block, leaf_vs: usize) -> Result<Hdr> 
             "value size {vs}, expected {want_vs} (not the tree this reference should point to)"
         )));
     }
-    if max != max_entries(vs) {
+    if max != max_entries(vs) || max < 3 {
         return Err(bad(format!(
             "max_entries {max}, expected {} for {vs}-byte values",
             max_entries(vs)

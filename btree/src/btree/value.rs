@@ -121,6 +121,7 @@ pub struct DataRef<const SHIFT: u32>;
 impl<const SHIFT: u32> DataRef<SHIFT> {
     /// The data block a raw value references.
     pub fn block(v: u64) -> DiskBlock {
+        const { assert!(SHIFT < 64, "DataRef's SHIFT must be below 64") };
         DiskBlock(v >> SHIFT)
     }
 }

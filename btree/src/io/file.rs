@@ -99,3 +99,34 @@ impl BlockIo for FileIo {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_write_grow_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta");
+        let io = FileIo::create(&path, 4).unwrap();
+        assert_eq!(io.nr_blocks(), 4);
+        let mut b = [7u8; BLOCK_SIZE];
+        io.write(MetaBlock(3), &b).unwrap();
+        assert!(
+            io.write(MetaBlock(4), &b).is_err(),
+            "writes past the end are refused"
+        );
+        io.grow(10).unwrap();
+        io.write(MetaBlock(9), &b).unwrap();
+        io.sync().unwrap();
+        drop(io);
+        let io = FileIo::open(&path).unwrap();
+        assert_eq!(io.nr_blocks(), 10);
+        b.fill(0);
+        io.read(MetaBlock(3), &mut b).unwrap();
+        assert_eq!(b[100], 7);
+        io.read(MetaBlock(5), &mut b).unwrap();
+        assert_eq!(b[100], 0);
+        assert!(io.read(MetaBlock(10), &mut b).is_err());
+    }
+}
