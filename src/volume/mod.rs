@@ -62,11 +62,6 @@ pub const DEFAULT_CACHE_ENTRIES: usize = 256 * 1024;
 /// than asked, as the API allows.
 const STATUS_MAX_BLOCKS: u64 = 16 * 1024;
 
-/// A discard of at most this many blocks looks each one up first, so exactly the blocks that
-/// lose a reference are remembered (`sharing.rs`); a larger one distrusts every lookup until
-/// the next commit instead of walking the range twice.
-const DISCARD_LOOKUP_LIMIT: u64 = 4096;
-
 /// Blocks a device reserves at a time for its allocation stash (4 MiB of 64 KiB blocks).
 const STASH_BLOCKS: usize = 64;
 
@@ -85,6 +80,8 @@ struct DevState {
     /// write's pieces coalesce into one syscall; sequential writes stay sequential in the
     /// data file even when several devices allocate at once).
     stash: Mutex<VecDeque<Stashed>>,
+    /// The last block the stash reserved: the next run starts looking right after it.
+    cursor: Mutex<Option<DataBlock>>,
     /// Writes (and discards) hold it shared for their whole duration; a snapshot or delete of
     /// the device holds it exclusively, which drains in-flight writes and holds new ones.
     gate: tokio::sync::RwLock<()>,
@@ -141,9 +138,6 @@ struct Shared {
     /// trusted for them (`sharing.rs`). Changed under the pool's write lock, read under its
     /// read lock.
     less_shared: Mutex<LessShared>,
-    /// Serialises reservations, so the blocks one request reserves together come out
-    /// consecutive from the pool's allocation cursor.
-    alloc_turn: Mutex<()>,
     /// Mapping changes not yet committed.
     dirty: AtomicBool,
     /// Counts mapping insertions, so the committer knows whether data written for a mapping
@@ -259,7 +253,6 @@ impl VolumePool {
                 grace: Grace::new(),
                 devs: Mutex::new(HashMap::new()),
                 less_shared: Mutex::new(LessShared::default()),
-                alloc_turn: Mutex::new(()),
                 dirty: AtomicBool::new(false),
                 inserts: AtomicU64::new(0),
                 commit_turn: tokio::sync::Mutex::new(()),
@@ -456,6 +449,7 @@ impl Shared {
             .or_insert_with(|| {
                 Arc::new(DevState {
                     stash: Mutex::new(VecDeque::new()),
+                    cursor: Mutex::new(None),
                     gate: tokio::sync::RwLock::new(()),
                     snap_epoch: AtomicU64::new(0),
                     gone: AtomicBool::new(false),
@@ -578,13 +572,22 @@ impl Shared {
             .ok_or_else(|| DevError::Io(std::io::Error::other("lookup returned nothing")))
     }
 
-    /// Reserves `n` data blocks, consecutive where the pool's free space allows; all or none.
-    fn reserve_run(&self, pool: &Pool, n: usize) -> DevResult<Vec<Reservation>> {
-        let _turn = self.alloc_turn.lock();
-        let mut out = Vec::with_capacity(n);
-        for _ in 0..n {
-            match pool.reserve_data_block() {
-                Ok(r) => out.push(r),
+    /// Reserves `n` data blocks, consecutive from the first usable block at or after `near`
+    /// (else the pool's cursor) where the free space allows; all or none.
+    fn reserve_run(
+        &self,
+        pool: &Pool,
+        near: Option<DataBlock>,
+        n: usize,
+    ) -> DevResult<Vec<Reservation>> {
+        let mut out: Vec<Reservation> = Vec::with_capacity(n);
+        let mut near = near;
+        while out.len() < n {
+            match pool.reserve_data_blocks(near, n - out.len()) {
+                Ok(run) => {
+                    near = run.last().map(|r| DataBlock(r.block().0 + 1));
+                    out.extend(run);
+                }
                 Err(e) => {
                     for r in out {
                         pool.release_reservation(r);
@@ -639,7 +642,10 @@ impl Shared {
                 .zip(stash.iter().skip(1))
                 .all(|(a, b)| a.r.block().0 + 1 == b.r.block().0);
         if !consecutive {
-            let run = self.stash_run(self.reserve_run(pool, n.max(STASH_BLOCKS))?)?;
+            // The device's cursor: right after the last block it reserved.
+            let near = state.cursor.lock().map(|b| DataBlock(b.0 + 1));
+            let run = self.stash_run(self.reserve_run(pool, near, n.max(STASH_BLOCKS))?)?;
+            *state.cursor.lock() = run.last().map(|s| s.r.block());
             for s in run.into_iter().rev() {
                 stash.push_front(s);
             }
@@ -659,7 +665,7 @@ impl Shared {
                         pool.release_reservation(s.r);
                     }
                 }
-                self.stash_run(self.reserve_run(pool, n)?)
+                self.stash_run(self.reserve_run(pool, None, n)?)
             }
             r => r,
         }
@@ -771,26 +777,38 @@ impl Shared {
         let st = state.clone();
         let (r, freed) = tokio::task::spawn_blocking(move || {
             let mut pool = me.pool.write();
-            if me.inserts.load(Ordering::SeqCst) != inserts_before {
-                me.data
-                    .sync_blocking()
-                    .map_err(|e| PoolError::io("cannot sync the data file", e))?;
+            if me.inserts.load(Ordering::SeqCst) != inserts_before
+                && let Err(e) = me.data.sync_blocking()
+            {
+                return (
+                    Err(PoolError::io("cannot sync the data file", e)),
+                    Vec::new(),
+                );
             }
             let result = op(&mut pool);
             if let (Drain::Snapshot(_), Some(s)) = (drain, &st) {
                 // Even a failed snapshot may have gone half way; distrusting is always safe.
                 s.snap_epoch.fetch_add(1, Ordering::AcqRel);
             }
-            // Whatever commits the operation made, what they freed is ours to punch.
+            // Whatever commits the operation made, what they freed is ours to punch, whether
+            // or not it succeeded in the end.
             let mut freed = pool.take_unreported_freed();
-            let (r, mut own) = result?;
-            freed.append(&mut own);
-            if commits {
+            let r = match result {
+                Ok((r, mut own)) => {
+                    freed.append(&mut own);
+                    Ok(r)
+                }
+                Err(e) => Err(e),
+            };
+            if commits && r.is_ok() {
                 // Everything, the data path's changes included, is committed now.
                 me.dirty.store(false, Ordering::SeqCst);
                 me.less_shared.lock().committed();
+            } else {
+                // The operation may have changed the trees: the next flush must commit them.
+                me.dirty.store(true, Ordering::SeqCst);
             }
-            if let (Drain::Delete(d), Some(s)) = (drain, &st) {
+            if let (Drain::Delete(d), Some(s), Ok(_)) = (drain, &st, &r) {
                 for stashed in s.stash.lock().drain(..) {
                     pool.release_reservation(stashed.r);
                 }
@@ -798,12 +816,12 @@ impl Shared {
                 me.cache.forget_device(d);
                 me.devs.lock().remove(&d);
             }
-            Ok::<_, PoolError>((r, freed))
+            (r, freed)
         })
         .await
-        .map_err(|e| to_pool_err(join_err(e)))??;
+        .map_err(|e| to_pool_err(join_err(e)))?;
         self.release_freed(freed).await.map_err(to_pool_err)?;
-        Ok(r)
+        r
     }
 }
 
@@ -1185,29 +1203,25 @@ impl Volume {
         let (dev, state) = (self.dev, self.state.clone());
         self.shared
             .write_pool(move |sh, pool| {
-                // The blocks about to lose a reference (`sharing.rs`).
-                let mut removed = Vec::new();
-                let exact = end.0 - begin.0 <= DISCARD_LOOKUP_LIMIT;
-                if exact {
-                    for v in begin.0..end.0 {
-                        if let Some(m) = pool.lookup(dev, VirtBlock(v))? {
-                            removed.push(m.block);
-                        }
-                    }
-                    if removed.is_empty() {
-                        // Nothing mapped: no metadata change at all.
-                        sh.cache.forget_range(dev, begin, end);
-                        return Ok(());
-                    }
+                // A discard that changes nothing is not worth a metadata change (a trim of a
+                // never-written range, which file systems send a lot of).
+                let anything_mapped = (begin.0..end.0)
+                    .take(64)
+                    .any(|v| !matches!(sh.cache.get(dev, VirtBlock(v)), Some(Cached::Unmapped)));
+                if !anything_mapped && end.0 - begin.0 <= 64 {
+                    return Ok(());
                 }
                 state.discards.fetch_add(1, Ordering::AcqRel);
                 let result = pool.discard(dev, begin, end);
                 // Forget the range even after an error: the trees may have changed half way.
                 sh.cache.forget_range(dev, begin, end);
                 let mut less = sh.less_shared.lock();
-                match (&result, exact) {
-                    (Ok(_), true) => removed.into_iter().for_each(|b| less.note(b)),
-                    _ => less.distrust_all(),
+                match &result {
+                    // Every block that lost a mapping is less shared than in the last commit
+                    // (`sharing.rs`).
+                    Ok(d) => d.removed.iter().for_each(|&b| less.note(b)),
+                    // The trees may have changed half way: trust no lookup until the commit.
+                    Err(_) => less.distrust_all(),
                 }
                 drop(less);
                 let d = result?;
