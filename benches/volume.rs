@@ -15,12 +15,14 @@
 //!   plain side overwrites the same offsets). The default is every block of the volume once,
 //!   so the metadata side (shadowing shared leaves, which takes a reference on every block in
 //!   them) is paid in full, as a workload that rewrites a whole snapshot pays it;
-//! - commit: the latency of a flush issued every 50 ms during `--ops / 2` more fresh 4 KiB
-//!   writes (volume only; not part of the timed fresh-4k runs).
+//! - commit: the latency of a flush issued every 50 ms during `--secs` of more fresh 4 KiB
+//!   writes (volume only; not part of the timed fresh-4k runs), split into its phases.
+//!
+//! Before each run, `sync(2)` writes back what earlier runs left dirty (untimed).
 //!
 //! ```text
 //! cargo bench --bench volume -- [--dir DIR] [--size-gib 4] [--ops 20000] [--cow-ops N]
-//!                                [--secs 3] [--rounds 3]
+//!                                [--secs 3] [--rounds 3] [--only fresh-4k,cow-4k,commit,...]
 //! ```
 
 use std::io::{IoSlice, IoSliceMut};
@@ -92,6 +94,26 @@ fn xorshift(s: &mut u64) -> u64 {
     *s
 }
 
+/// CPU time (user + system) of the whole process so far.
+fn cpu_time() -> Duration {
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::uninit();
+    // SAFETY: getrusage fills the struct the pointer points to; it lives on our stack.
+    let ok = unsafe { libc::getrusage(libc::RUSAGE_SELF, ru.as_mut_ptr()) } == 0;
+    if !ok {
+        return Duration::ZERO;
+    }
+    // SAFETY: getrusage returned 0, so it initialised the struct.
+    let ru = unsafe { ru.assume_init() };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Set by `--side plain|volume` to run one side only (profiling).
+static SIDE: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// CPU microseconds per request of the last [`drive`] (all threads of the process).
+static LAST_CPU_US: AtomicU64 = AtomicU64::new(0);
+
 /// Runs `QD` tasks; task `t` calls `op(target, t, i)` for its i-th request until `count`
 /// requests are done in total (or `secs` pass, if given). Returns requests per second.
 async fn drive<F, Fut>(target: &Target, count: Option<u64>, secs: Option<f64>, op: F) -> f64
@@ -104,6 +126,7 @@ where
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
+    let cpu0 = cpu_time();
     let deadline = secs.map(|s| start + Duration::from_secs_f64(s));
     let mut tasks = Vec::new();
     for _ in 0..QD {
@@ -134,7 +157,12 @@ where
     for t in tasks {
         t.await.expect("bench task");
     }
-    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+    let n = done.load(Ordering::Relaxed);
+    LAST_CPU_US.store(
+        ((cpu_time() - cpu0).as_secs_f64() * 1e6 / n.max(1) as f64) as u64,
+        Ordering::Relaxed,
+    );
+    n as f64 / start.elapsed().as_secs_f64()
 }
 
 struct Args {
@@ -144,6 +172,9 @@ struct Args {
     cow_ops: Option<u64>,
     secs: f64,
     rounds: usize,
+    /// Workloads to run (names as in WORKLOADS, plus "commit"); all when empty. Writes that
+    /// later workloads need (fresh-4k, seqwrite-1m) run anyway.
+    only: Vec<String>,
 }
 
 fn parse_args() -> Args {
@@ -154,6 +185,7 @@ fn parse_args() -> Args {
         cow_ops: None,
         secs: 3.0,
         rounds: 3,
+        only: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -165,6 +197,8 @@ fn parse_args() -> Args {
             "--cow-ops" => a.cow_ops = Some(val().parse().expect("--cow-ops N")),
             "--secs" => a.secs = val().parse().expect("--secs S"),
             "--rounds" => a.rounds = val().parse().expect("--rounds N"),
+            "--side" => SIDE.store(if val() == "plain" { 0 } else { 1 }, Ordering::Relaxed),
+            "--only" => a.only = val().split(',').map(str::to_string).collect(),
             _ => {}
         }
     }
@@ -192,12 +226,58 @@ const WORKLOADS: [&str; 6] = [
     "cow-4k",
 ];
 
+/// Resident and peak resident memory of this process, in MiB (from /proc/self/status).
+fn rss_mib() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map_or(0, |kb| kb >> 10)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Writes back every dirty page of the machine (untimed), so each run starts from the same
+/// state instead of paying for the previous run's writeback.
+fn settle() {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+}
+
+/// Runs the same workload on both sides, plain first; returns the rates.
+async fn both<F, Fut>(sides: &[Target; 2], count: Option<u64>, secs: Option<f64>, op: F) -> [f64; 2]
+where
+    F: Fn(Target, u64) -> Fut + Send + Sync + Clone + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let mut out = [0.0; 2];
+    for (s, t) in sides.iter().enumerate() {
+        let only = SIDE.load(Ordering::Relaxed);
+        if only != u64::MAX && only != s as u64 {
+            out[s] = 1.0;
+            continue;
+        }
+        settle();
+        out[s] = drive(t, count, secs, op.clone()).await;
+        eprintln!(
+            "    {}: {} µs of CPU per request",
+            ["plain", "volume"][s],
+            LAST_CPU_US.load(Ordering::Relaxed)
+        );
+    }
+    out
+}
+
 fn main() {
     let args = parse_args();
     std::fs::create_dir_all(&args.dir).expect("bench dir");
     let blocks = args.size / BS;
     let ops = args.ops.min(blocks);
     let cow_ops = args.cow_ops.unwrap_or(blocks).min(blocks);
+    let want = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -205,16 +285,20 @@ fn main() {
         .expect("runtime");
     // [workload][plain=0/volume=1] → per-round rates
     let mut res = vec![[Vec::new(), Vec::new()]; WORKLOADS.len()];
-    let mut commit_ms: Vec<f64> = Vec::new();
+    let mut commit_lines: Vec<String> = Vec::new();
     for round in 0..args.rounds {
-        let plain = Target::Plain(Arc::new(fresh_file(&args.dir.join("plain"), blocks)));
+        // Random workloads on one file / volume, sequential and copy-on-write on another, so
+        // the sequential write finds fresh space on both sides (not blocks the random
+        // workloads placed at random).
+        let plain_rand = Target::Plain(Arc::new(fresh_file(&args.dir.join("plain-rand"), blocks)));
+        let plain_seq = Target::Plain(Arc::new(fresh_file(&args.dir.join("plain-seq"), blocks)));
         let pool_dir = args.dir.join("pool");
         // A fresh, fully sparse data file every round.
         let _ = std::fs::remove_dir_all(&pool_dir);
         let pool = Pool::create(
             &pool_dir,
             &CreateOptions {
-                data_size: args.size * 2,
+                data_size: args.size * 3,
                 block_size: BS,
                 metadata_size: None,
                 force: true,
@@ -222,38 +306,45 @@ fn main() {
         )
         .expect("pool");
         let pool = VolumePool::open(pool, DEFAULT_CACHE_ENTRIES).expect("volume pool");
-        rt.block_on(pool.create_volume("bench", args.size))
-            .expect("create");
-        let vol = Target::Vol(Arc::new(pool.volume("bench").expect("volume")));
-        let sides = [plain, vol];
+        let vol = |name: &str| {
+            rt.block_on(pool.create_volume(name, args.size))
+                .expect("create");
+            Target::Vol(Arc::new(pool.volume(name).expect("volume")))
+        };
+        let rand = [plain_rand, vol("rand")];
+        let seq = [plain_seq, vol("seq")];
         let buf4k = Arc::new(vec![0x5Au8; 4096]);
         let buf1m = Arc::new(vec![0xA5u8; 1 << 20]);
-        let size = args.size;
-        let mut report = |w: usize, side: usize, rate: f64| {
+        let mut report = |w: usize, rates: [f64; 2]| {
             let io = if w == 3 || w == 4 { 1 << 20 } else { 4096 };
-            eprintln!(
-                "round {round} {:>13} {:>6}: {:>9.0} IOPS {:>8.1} MiB/s",
-                WORKLOADS[w],
-                ["plain", "volume"][side],
-                rate,
-                rate * io as f64 / (1 << 20) as f64
-            );
-            res[w][side].push(rate);
+            for (side, rate) in rates.into_iter().enumerate() {
+                eprintln!(
+                    "round {round} {:>13} {:>6}: {:>9.0} IOPS {:>8.1} MiB/s",
+                    WORKLOADS[w],
+                    ["plain", "volume"][side],
+                    rate,
+                    rate * io as f64 / (1 << 20) as f64
+                );
+                res[w][side].push(rate);
+            }
         };
         rt.block_on(async {
             // fresh-4k, both sides with no flush.
-            for (s, t) in sides.iter().enumerate() {
-                let b = buf4k.clone();
-                let r = drive(t, Some(ops), None, move |t, i| {
-                    let b = b.clone();
-                    async move { t.write(spread(i, blocks) * BS + 8192, &b).await }
-                })
-                .await;
-                report(0, s, r);
-            }
+            let b = buf4k.clone();
+            let r = both(&rand, Some(ops), None, move |t, i| {
+                let b = b.clone();
+                async move { t.write(spread(i, blocks) * BS + 8192, &b).await }
+            })
+            .await;
+            report(0, r);
+
             // The cost of a commit under load: more fresh writes on the volume (other
             // blocks), with a flush every 50 ms whose latency is recorded.
-            if let Target::Vol(v) = &sides[1] {
+            if let Target::Vol(v) = &rand[1]
+                && want("commit")
+            {
+                settle();
+                let before = pool.commit_stats();
                 let stop = Arc::new(AtomicBool::new(false));
                 let (fv, fstop) = (v.clone(), stop.clone());
                 let flusher = tokio::spawn(async move {
@@ -267,75 +358,86 @@ fn main() {
                     lat
                 });
                 let b = buf4k.clone();
-                drive(&sides[1], Some(ops / 2), None, move |t, i| {
+                let rate = drive(&rand[1], Some(blocks - ops), Some(args.secs), move |t, i| {
                     let b = b.clone();
                     async move { t.write(spread(ops + i, blocks) * BS + 8192, &b).await }
                 })
                 .await;
                 stop.store(true, Ordering::Relaxed);
                 let lat = flusher.await.expect("flusher");
+                let after = pool.commit_stats();
+                let n = (after.flushes - before.flushes).max(1) as f64;
+                let ms = |d: Duration| d.as_secs_f64() * 1e3 / n;
                 if !lat.is_empty() {
-                    commit_ms.push(lat.iter().sum::<f64>() / lat.len() as f64);
+                    commit_lines.push(format!(
+                        "round {round}: {} flushes during {rate:.0} fresh 4k writes/s: mean {:.1} ms \
+                         (data sync {:.1}, metadata {:.1}, punch {:.1}), longest {:.0} ms",
+                        lat.len(),
+                        lat.iter().sum::<f64>() / lat.len() as f64,
+                        ms(after.data_sync - before.data_sync),
+                        ms(after.metadata - before.metadata),
+                        ms(after.punch - before.punch),
+                        after.longest.as_secs_f64() * 1e3,
+                    ));
                 }
             }
             for (w, write) in [(1, true), (2, false)] {
-                for (s, t) in sides.iter().enumerate() {
-                    let b = buf4k.clone();
-                    let r = drive(t, None, Some(args.secs), move |t, i| {
-                        let b = b.clone();
-                        async move {
-                            let mut seed = i.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1;
-                            let blk = spread(xorshift(&mut seed) % ops, blocks);
-                            let off = blk * BS + (xorshift(&mut seed) % 16) * 4096;
-                            if write {
-                                t.write(off, &b).await
-                            } else {
-                                let mut v = vec![0u8; 4096];
-                                t.read(off, &mut v).await
-                            }
-                        }
-                    })
-                    .await;
-                    report(w, s, r);
+                if !want(WORKLOADS[w]) {
+                    continue;
                 }
-            }
-            for (w, write) in [(3, true), (4, false)] {
-                for (s, t) in sides.iter().enumerate() {
-                    let b = buf1m.clone();
-                    let n = size >> 20;
-                    let r = drive(t, Some(n), None, move |t, i| {
-                        let b = b.clone();
-                        async move {
-                            if write {
-                                t.write(i << 20, &b).await
-                            } else {
-                                let mut v = vec![0u8; 1 << 20];
-                                t.read(i << 20, &mut v).await
-                            }
-                        }
-                    })
-                    .await;
-                    report(w, s, r);
-                }
-            }
-        });
-        // cow-4k: every block of the volume is provisioned now; snapshot it and write each
-        // block once more.
-        rt.block_on(pool.snapshot("bench", "bench-snap", false))
-            .expect("snapshot");
-        rt.block_on(async {
-            for (s, t) in sides.iter().enumerate() {
                 let b = buf4k.clone();
-                let r = drive(t, Some(cow_ops), None, move |t, i| {
+                let r = both(&rand, None, Some(args.secs), move |t, i| {
                     let b = b.clone();
-                    async move { t.write(spread(i, blocks) * BS + 4096, &b).await }
+                    async move {
+                        let mut seed = i.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1;
+                        let blk = spread(xorshift(&mut seed) % ops, blocks);
+                        let off = blk * BS + (xorshift(&mut seed) % 16) * 4096;
+                        if write {
+                            t.write(off, &b).await
+                        } else {
+                            let mut v = vec![0u8; 4096];
+                            t.read(off, &mut v).await
+                        }
+                    }
                 })
                 .await;
-                report(5, s, r);
+                report(w, r);
+            }
+            for (w, write) in [(3, true), (4, false)] {
+                if !want(WORKLOADS[w]) && !(write && (want("seqread-1m") || want("cow-4k"))) {
+                    continue;
+                }
+                let b = buf1m.clone();
+                let r = both(&seq, Some(blocks / 16), None, move |t, i| {
+                    let b = b.clone();
+                    async move {
+                        if write {
+                            t.write(i << 20, &b).await
+                        } else {
+                            let mut v = vec![0u8; 1 << 20];
+                            t.read(i << 20, &mut v).await
+                        }
+                    }
+                })
+                .await;
+                report(w, r);
             }
         });
+        // cow-4k: every block of "seq" is provisioned now; snapshot it and write `cow_ops`
+        // distinct blocks once more.
+        if want("cow-4k") {
+            rt.block_on(pool.snapshot("seq", "seq-snap", false))
+                .expect("snapshot");
+            let b = buf4k.clone();
+            let r = rt.block_on(both(&seq, Some(cow_ops), None, move |t, i| {
+                let b = b.clone();
+                async move { t.write(spread(i, blocks) * BS + 4096, &b).await }
+            }));
+            report(5, r);
+        }
+        let (rss, peak) = rss_mib();
         eprintln!(
-            "round {round}: {} mappings cached, data file {} MiB allocated",
+            "round {round}: {} mappings cached, data file {} MiB allocated, RSS {rss} MiB (peak {peak})",
             pool.cached_mappings(),
             pool.data().allocated_bytes().unwrap_or(0) >> 20
         );
@@ -355,27 +457,22 @@ fn main() {
     println!("| workload | plain file | volume | volume / plain |");
     println!("| --- | ---: | ---: | ---: |");
     for (w, name) in WORKLOADS.iter().enumerate() {
+        if res[w][0].is_empty() {
+            continue;
+        }
         let p = med(&mut res[w][0]);
         let v = med(&mut res[w][1]);
-        let unit = if w == 3 || w == 4 {
-            format!("{:.0} MiB/s", p)
-        } else {
-            format!("{:.0} IOPS", p)
+        let fmt = |x: f64| {
+            if w == 3 || w == 4 {
+                format!("{x:.0} MiB/s")
+            } else {
+                format!("{x:.0} IOPS")
+            }
         };
-        let unit_v = if w == 3 || w == 4 {
-            format!("{:.0} MiB/s", v)
-        } else {
-            format!("{:.0} IOPS", v)
-        };
-        println!("| {name} | {unit} | {unit_v} | {:.2} |", v / p);
+        println!("| {name} | {} | {} | {:.2} |", fmt(p), fmt(v), v / p);
     }
-    if !commit_ms.is_empty() {
-        println!(
-            "\ncommit (flush) latency during fresh-4k, mean per round: {:?} ms",
-            commit_ms
-                .iter()
-                .map(|m| (m * 100.0).round() / 100.0)
-                .collect::<Vec<_>>()
-        );
+    println!();
+    for l in &commit_lines {
+        println!("{l}");
     }
 }

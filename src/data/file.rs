@@ -162,8 +162,14 @@ impl RealFile {
     /// True when no byte of `[off, off + len)` is backed by data (a hole). Always false on a
     /// block device, where holes cannot be seen.
     pub(crate) fn is_hole(&self, off: u64, len: u64) -> io::Result<bool> {
+        Ok(self.hole_len(off, len)? >= len)
+    }
+
+    /// How many bytes from `off` on (at most `max`) are a hole: one `SEEK_DATA`. Always 0 on a
+    /// block device, where holes cannot be seen.
+    pub(crate) fn hole_len(&self, off: u64, max: u64) -> io::Result<u64> {
         if self.kind == StorageKind::BlockDevice {
-            return Ok(false);
+            return Ok(0);
         }
         let start = i64::try_from(off).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         // SAFETY: lseek takes no pointers. The file position it moves is not used by anything:
@@ -173,12 +179,12 @@ impl RealFile {
             let e = io::Error::last_os_error();
             // ENXIO: no data at or after `off`.
             return if e.raw_os_error() == Some(libc::ENXIO) {
-                Ok(true)
+                Ok(max)
             } else {
                 Err(e)
             };
         }
-        Ok(r as u64 >= off + len)
+        Ok((r as u64).saturating_sub(off).min(max))
     }
 
     /// Bytes of storage the file occupies (st_blocks × 512); for block devices, their size.

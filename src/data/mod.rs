@@ -231,6 +231,23 @@ impl DataFile {
         }
     }
 
+    /// How many blocks from `first` on (at most `max`) are known to read as zeros without any
+    /// write: one `SEEK_DATA` for the whole run. 0 on a block device.
+    pub fn holes_from(&self, first: DataBlock, max: u64) -> io::Result<u64> {
+        let bs = u64::from(self.block_size);
+        let at = self.byte_offset(first, 0, max.saturating_mul(bs))?;
+        match &self.backend {
+            Backend::File(f) => Ok(f.hole_len(at, max * bs)? / bs),
+            Backend::Model(m) => {
+                let mut n = 0;
+                while n < max && m.is_hole(first.0 + n)? {
+                    n += 1;
+                }
+                Ok(n)
+            }
+        }
+    }
+
     /// Makes a freshly reserved `block` read as zeros before a write that does not cover it
     /// whole: nothing but one `SEEK_DATA` when it is a hole already; otherwise (a punch lost to
     /// a crash, or a block device) it is punched or zeroed now.
@@ -284,6 +301,7 @@ mod tests {
         assert_eq!(df.kind(), StorageKind::RegularFile);
         rt().block_on(async {
             assert!(df.is_hole(DataBlock(3)).unwrap());
+            assert_eq!(df.holes_from(DataBlock(0), 16).unwrap(), 16);
             let a = vec![1u8; 1000];
             let b = vec![2u8; 24];
             df.write(DataBlock(3), 4096, &[IoSlice::new(&a), IoSlice::new(&b)])
@@ -292,6 +310,9 @@ mod tests {
             assert!(!df.is_hole(DataBlock(3)).unwrap());
             assert!(df.is_hole(DataBlock(2)).unwrap());
             assert!(df.is_hole(DataBlock(4)).unwrap());
+            assert_eq!(df.holes_from(DataBlock(0), 16).unwrap(), 3);
+            assert_eq!(df.holes_from(DataBlock(4), 12).unwrap(), 12);
+            assert_eq!(df.holes_from(DataBlock(3), 16).unwrap(), 0);
 
             let mut x = vec![9u8; 4096];
             let mut y = vec![9u8; 1024];

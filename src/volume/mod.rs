@@ -35,11 +35,11 @@ mod inflight;
 mod pieces;
 mod sharing;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 
@@ -62,13 +62,26 @@ pub const DEFAULT_CACHE_ENTRIES: usize = 256 * 1024;
 /// than asked, as the API allows.
 const STATUS_MAX_BLOCKS: u64 = 16 * 1024;
 
-/// A discard of at most this many blocks looks each one up first, so exactly the blocks that
-/// lose a reference are remembered (`sharing.rs`); a larger one distrusts every lookup until
-/// the next commit instead of walking the range twice.
-const DISCARD_LOOKUP_LIMIT: u64 = 4096;
+/// Blocks a device reserves at a time for its allocation stash (4 MiB of 64 KiB blocks).
+const STASH_BLOCKS: usize = 64;
+
+/// A data block reserved ahead for one device.
+struct Stashed {
+    r: Reservation,
+    /// Known to read as zeros (checked when stashed; nobody else can write a reserved block),
+    /// so a partial write into it needs no `SEEK_DATA` and writes nothing but its bytes.
+    hole: bool,
+}
 
 /// Per-device state shared by every [`Volume`] handle of that device.
 struct DevState {
+    /// The device's allocation cursor: blocks reserved ahead in runs of consecutive blocks,
+    /// handed out in order, so a device's writes land on consecutive data blocks (a large
+    /// write's pieces coalesce into one syscall; sequential writes stay sequential in the
+    /// data file even when several devices allocate at once).
+    stash: Mutex<VecDeque<Stashed>>,
+    /// The last block the stash reserved: the next run starts looking right after it.
+    cursor: Mutex<Option<DataBlock>>,
     /// Writes (and discards) hold it shared for their whole duration; a snapshot or delete of
     /// the device holds it exclusively, which drains in-flight writes and holds new ones.
     gate: tokio::sync::RwLock<()>,
@@ -77,6 +90,28 @@ struct DevState {
     snap_epoch: AtomicU64,
     /// Set when the device is deleted; every later request fails with `Gone`.
     gone: AtomicBool,
+    /// Bumped (under the pool's write lock) by every unmap of the device's blocks: a write
+    /// that looked a block up under an older value must look again before mapping it.
+    discards: AtomicU64,
+}
+
+/// What the group committer has done so far: how many commits, and where their time went.
+/// The data sync usually dominates: it writes back every dirty page of the data file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CommitStats {
+    /// Commits that changed metadata (flushes with nothing to commit only sync the data).
+    pub commits: u64,
+    /// Flushes (and timer ticks) that ran the committer, commits included.
+    pub flushes: u64,
+    /// Time in the first, lock-free fdatasync of the data file.
+    pub data_sync: Duration,
+    /// Time holding the pool's write lock: the second data sync when needed and the pool's
+    /// commit (metadata writes, two syncs, the superblock).
+    pub metadata: Duration,
+    /// Time punching freed blocks (after waiting for I/O that might still use them).
+    pub punch: Duration,
+    /// The longest single flush.
+    pub longest: Duration,
 }
 
 /// What [`VolumePool::exclusive`] does to a device around a pool operation.
@@ -103,9 +138,6 @@ struct Shared {
     /// trusted for them (`sharing.rs`). Changed under the pool's write lock, read under its
     /// read lock.
     less_shared: Mutex<LessShared>,
-    /// Serialises reservations, so the blocks one request reserves together come out
-    /// consecutive from the pool's allocation cursor.
-    alloc_turn: Mutex<()>,
     /// Mapping changes not yet committed.
     dirty: AtomicBool,
     /// Counts mapping insertions, so the committer knows whether data written for a mapping
@@ -119,6 +151,7 @@ struct Shared {
     /// Set when a sync or commit failed: durability is unknown, so writes and flushes fail
     /// until the pool is reopened.
     failed: Mutex<Option<String>>,
+    stats: Mutex<CommitStats>,
 }
 
 /// The data path of one pool: pool + data file + caches + committer. Cheap to clone.
@@ -162,11 +195,23 @@ fn to_pool_err(e: DevError) -> PoolError {
 struct Reserved {
     shared: Arc<Shared>,
     list: Vec<Option<Reservation>>,
+    /// Parallel to `list`: the block is known to be a hole.
+    holes: Vec<bool>,
 }
 
 impl Reserved {
     fn take(&mut self, k: usize) -> Option<Reservation> {
         self.list.get_mut(k).and_then(Option::take)
+    }
+
+    /// The `k`-th reserved block and whether it is known to be a hole.
+    fn block(&self, k: usize) -> DevResult<(DataBlock, bool)> {
+        match (self.list.get(k), self.holes.get(k)) {
+            (Some(Some(r)), Some(&hole)) => Ok((r.block(), hole)),
+            _ => Err(DevError::Io(std::io::Error::other(
+                "reservation missing for a piece",
+            ))),
+        }
     }
 }
 
@@ -208,13 +253,13 @@ impl VolumePool {
                 grace: Grace::new(),
                 devs: Mutex::new(HashMap::new()),
                 less_shared: Mutex::new(LessShared::default()),
-                alloc_turn: Mutex::new(()),
                 dirty: AtomicBool::new(false),
                 inserts: AtomicU64::new(0),
                 commit_turn: tokio::sync::Mutex::new(()),
                 commits_started: AtomicU64::new(0),
                 commits_done: AtomicU64::new(0),
                 failed: Mutex::new(None),
+                stats: Mutex::new(CommitStats::default()),
             }),
         }
     }
@@ -368,6 +413,11 @@ impl VolumePool {
         })
     }
 
+    /// What the group committer has done so far.
+    pub fn commit_stats(&self) -> CommitStats {
+        *self.shared.stats.lock()
+    }
+
     /// Number of entries in the mapping cache (memory figures).
     pub fn cached_mappings(&self) -> usize {
         self.shared.cache.len()
@@ -398,9 +448,12 @@ impl Shared {
             .entry(dev)
             .or_insert_with(|| {
                 Arc::new(DevState {
+                    stash: Mutex::new(VecDeque::new()),
+                    cursor: Mutex::new(None),
                     gate: tokio::sync::RwLock::new(()),
                     snap_epoch: AtomicU64::new(0),
                     gone: AtomicBool::new(false),
+                    discards: AtomicU64::new(0),
                 })
             })
             .clone()
@@ -519,13 +572,22 @@ impl Shared {
             .ok_or_else(|| DevError::Io(std::io::Error::other("lookup returned nothing")))
     }
 
-    /// Reserves `n` data blocks, consecutive where the pool's free space allows; all or none.
-    fn reserve_run(&self, pool: &Pool, n: usize) -> DevResult<Vec<Reservation>> {
-        let _turn = self.alloc_turn.lock();
-        let mut out = Vec::with_capacity(n);
-        for _ in 0..n {
-            match pool.reserve_data_block() {
-                Ok(r) => out.push(r),
+    /// Reserves `n` data blocks, consecutive from the first usable block at or after `near`
+    /// (else the pool's cursor) where the free space allows; all or none.
+    fn reserve_run(
+        &self,
+        pool: &Pool,
+        near: Option<DataBlock>,
+        n: usize,
+    ) -> DevResult<Vec<Reservation>> {
+        let mut out: Vec<Reservation> = Vec::with_capacity(n);
+        let mut near = near;
+        while out.len() < n {
+            match pool.reserve_data_blocks(near, n - out.len()) {
+                Ok(run) => {
+                    near = run.last().map(|r| DataBlock(r.block().0 + 1));
+                    out.extend(run);
+                }
                 Err(e) => {
                     for r in out {
                         pool.release_reservation(r);
@@ -535,6 +597,78 @@ impl Shared {
             }
         }
         Ok(out)
+    }
+
+    /// Marks which of `run` are holes: one `SEEK_DATA` per stretch of consecutive blocks,
+    /// plus one after each block that holds data (a punch lost to a crash).
+    fn stash_run(&self, run: Vec<Reservation>) -> DevResult<Vec<Stashed>> {
+        let mut out: Vec<Stashed> = Vec::with_capacity(run.len());
+        let mut known_holes = 0u64;
+        let mut prev: Option<DataBlock> = None;
+        for r in run {
+            let b = r.block();
+            let follows = prev.is_some_and(|p| p.0 + 1 == b.0);
+            if follows && known_holes > 1 {
+                known_holes -= 1;
+            } else {
+                // How far the holes reach from here (bounded by the stash size).
+                match self.data.holes_from(b, STASH_BLOCKS as u64) {
+                    Ok(n) => known_holes = n,
+                    Err(e) => {
+                        // Not knowing only costs a SEEK_DATA later (make_zero).
+                        tracing::warn!("cannot look for holes at {b}: {e}");
+                        known_holes = 0;
+                    }
+                }
+            }
+            out.push(Stashed {
+                r,
+                hole: known_holes > 0,
+            });
+            prev = Some(b);
+        }
+        Ok(out)
+    }
+
+    /// Takes `n` blocks for `state`'s device from its allocation stash, consecutive when
+    /// possible: when the stash's first `n` are not consecutive, a fresh run is reserved and
+    /// put first (what was left serves later single-block writes).
+    fn take_stashed(&self, pool: &Pool, state: &DevState, n: usize) -> DevResult<Vec<Stashed>> {
+        let mut stash = state.stash.lock();
+        let consecutive = stash.len() >= n
+            && stash
+                .iter()
+                .take(n)
+                .zip(stash.iter().skip(1))
+                .all(|(a, b)| a.r.block().0 + 1 == b.r.block().0);
+        if !consecutive {
+            // The device's cursor: right after the last block it reserved.
+            let near = state.cursor.lock().map(|b| DataBlock(b.0 + 1));
+            let run = self.stash_run(self.reserve_run(pool, near, n.max(STASH_BLOCKS))?)?;
+            *state.cursor.lock() = run.last().map(|s| s.r.block());
+            for s in run.into_iter().rev() {
+                stash.push_front(s);
+            }
+        }
+        Ok(stash.drain(..n).collect())
+    }
+
+    /// [`take_stashed`](Shared::take_stashed); when the pool is out of space, the stashes of
+    /// all devices go back to it first (they may hold the last free blocks), then exactly `n`
+    /// blocks are reserved, or the write fails with ENOSPC having changed nothing.
+    fn take_blocks(&self, pool: &Pool, state: &DevState, n: usize) -> DevResult<Vec<Stashed>> {
+        match self.take_stashed(pool, state, n) {
+            Err(DevError::NoSpace(_)) => {
+                let states: Vec<Arc<DevState>> = self.devs.lock().values().cloned().collect();
+                for st in states {
+                    for s in st.stash.lock().drain(..) {
+                        pool.release_reservation(s.r);
+                    }
+                }
+                self.stash_run(self.reserve_run(pool, None, n)?)
+            }
+            r => r,
+        }
     }
 
     async fn commit(self: &Arc<Self>) -> DevResult<()> {
@@ -557,28 +691,41 @@ impl Shared {
 
     /// One commit; the caller holds `commit_turn`.
     async fn commit_now(self: &Arc<Self>) -> DevResult<()> {
+        let start = Instant::now();
         let inserts_before = self.inserts.load(Ordering::SeqCst);
         // The bulk of the data, with no lock held.
         self.data.sync().await.map_err(io_err)?;
-        if !self.dirty.load(Ordering::SeqCst) {
-            return Ok(());
+        let synced = Instant::now();
+        let dirty = self.dirty.load(Ordering::SeqCst);
+        let mut committed_at = synced;
+        if dirty {
+            let me = self.clone();
+            let freed = tokio::task::spawn_blocking(move || -> DevResult<Vec<DataBlock>> {
+                let mut pool = me.pool.write();
+                if me.inserts.load(Ordering::SeqCst) != inserts_before {
+                    // Mappings inserted after the first sync started: their data was written
+                    // before the insert, but maybe after that sync. No insert can happen now.
+                    me.data.sync_blocking().map_err(io_err)?;
+                }
+                me.dirty.store(false, Ordering::SeqCst);
+                let committed = pool.commit()?;
+                me.less_shared.lock().committed();
+                Ok(committed.freed)
+            })
+            .await
+            .map_err(join_err)??;
+            committed_at = Instant::now();
+            self.release_freed(freed).await?;
         }
-        let me = self.clone();
-        let freed = tokio::task::spawn_blocking(move || -> DevResult<Vec<DataBlock>> {
-            let mut pool = me.pool.write();
-            if me.inserts.load(Ordering::SeqCst) != inserts_before {
-                // Mappings inserted after the first sync started: their data was written
-                // before the insert, but maybe after that sync. No insert can happen now.
-                me.data.sync_blocking().map_err(io_err)?;
-            }
-            me.dirty.store(false, Ordering::SeqCst);
-            let committed = pool.commit()?;
-            me.less_shared.lock().committed();
-            Ok(committed.freed)
-        })
-        .await
-        .map_err(join_err)??;
-        self.release_freed(freed).await
+        let done = Instant::now();
+        let mut st = self.stats.lock();
+        st.flushes += 1;
+        st.commits += u64::from(dirty);
+        st.data_sync += synced - start;
+        st.metadata += committed_at - synced;
+        st.punch += done - committed_at;
+        st.longest = st.longest.max(done - start);
+        Ok(())
     }
 
     /// Punches blocks freed by a durable commit and gives them back to the allocator, once no
@@ -630,36 +777,51 @@ impl Shared {
         let st = state.clone();
         let (r, freed) = tokio::task::spawn_blocking(move || {
             let mut pool = me.pool.write();
-            if me.inserts.load(Ordering::SeqCst) != inserts_before {
-                me.data
-                    .sync_blocking()
-                    .map_err(|e| PoolError::io("cannot sync the data file", e))?;
+            if me.inserts.load(Ordering::SeqCst) != inserts_before
+                && let Err(e) = me.data.sync_blocking()
+            {
+                return (
+                    Err(PoolError::io("cannot sync the data file", e)),
+                    Vec::new(),
+                );
             }
             let result = op(&mut pool);
             if let (Drain::Snapshot(_), Some(s)) = (drain, &st) {
                 // Even a failed snapshot may have gone half way; distrusting is always safe.
                 s.snap_epoch.fetch_add(1, Ordering::AcqRel);
             }
-            // Whatever commits the operation made, what they freed is ours to punch.
+            // Whatever commits the operation made, what they freed is ours to punch, whether
+            // or not it succeeded in the end.
             let mut freed = pool.take_unreported_freed();
-            let (r, mut own) = result?;
-            freed.append(&mut own);
-            if commits {
+            let r = match result {
+                Ok((r, mut own)) => {
+                    freed.append(&mut own);
+                    Ok(r)
+                }
+                Err(e) => Err(e),
+            };
+            if commits && r.is_ok() {
                 // Everything, the data path's changes included, is committed now.
                 me.dirty.store(false, Ordering::SeqCst);
                 me.less_shared.lock().committed();
+            } else {
+                // The operation may have changed the trees: the next flush must commit them.
+                me.dirty.store(true, Ordering::SeqCst);
             }
-            if let (Drain::Delete(d), Some(s)) = (drain, &st) {
+            if let (Drain::Delete(d), Some(s), Ok(_)) = (drain, &st, &r) {
+                for stashed in s.stash.lock().drain(..) {
+                    pool.release_reservation(stashed.r);
+                }
                 s.gone.store(true, Ordering::Release);
                 me.cache.forget_device(d);
                 me.devs.lock().remove(&d);
             }
-            Ok::<_, PoolError>((r, freed))
+            (r, freed)
         })
         .await
-        .map_err(|e| to_pool_err(join_err(e)))??;
+        .map_err(|e| to_pool_err(join_err(e)))?;
         self.release_freed(freed).await.map_err(to_pool_err)?;
-        Ok(r)
+        r
     }
 }
 
@@ -840,50 +1002,54 @@ impl Volume {
         let bs = sh.block_size;
         let _io = sh.grace.enter();
         let vbs: Vec<VirtBlock> = todo.iter().map(|&i| ps[i].vblock).collect();
-        // The cache may say "shared" when the sharer has gone: always ask the pool here.
-        let found = sh.lookup_many(self.dev, &self.state, vbs).await?;
-        let epoch = self.state.snap_epoch.load(Ordering::Acquire);
-        let mut fresh = 0usize;
-        let plans: Vec<Plan> = found
-            .iter()
-            .map(|c| match *c {
-                Cached::Mapped {
-                    block,
-                    exclusive: true,
-                    epoch: e,
-                } if e == epoch => Plan::InPlace(block),
-                Cached::Mapped { block, .. } => {
-                    fresh += 1;
-                    Plan::Copy {
-                        old: block,
-                        k: fresh - 1,
+        // One trip under the read lock: look every piece up (the cache may say "shared" when
+        // the sharer has gone, so always ask the pool here), decide, reserve what is needed.
+        let (dev, state, me) = (self.dev, self.state.clone(), sh.clone());
+        let (plans, mut reserved, discards) = sh
+            .read_pool(move |sh, pool| {
+                let discards = state.discards.load(Ordering::Acquire);
+                let epoch = state.snap_epoch.load(Ordering::Acquire);
+                let mut fresh = 0usize;
+                let mut plans = Vec::with_capacity(vbs.len());
+                for v in vbs {
+                    let c = sh.lookup_locked(pool, dev, &state, v)?;
+                    sh.cache.put(dev, v, c);
+                    plans.push(match c {
+                        Cached::Mapped {
+                            block,
+                            exclusive: true,
+                            epoch: e,
+                        } if e == epoch => Plan::InPlace(block),
+                        Cached::Mapped { block, .. } => {
+                            fresh += 1;
+                            Plan::Copy {
+                                old: block,
+                                k: fresh - 1,
+                            }
+                        }
+                        Cached::Unmapped => {
+                            fresh += 1;
+                            Plan::Fresh(fresh - 1)
+                        }
+                    });
+                }
+                // Held by a guard from here on: released even if our caller is cancelled.
+                let mut reserved = Reserved {
+                    shared: me,
+                    list: Vec::with_capacity(fresh),
+                    holes: Vec::with_capacity(fresh),
+                };
+                if fresh > 0 {
+                    for s in sh.take_blocks(pool, &state, fresh)? {
+                        reserved.list.push(Some(s.r));
+                        reserved.holes.push(s.hole);
                     }
                 }
-                Cached::Unmapped => {
-                    fresh += 1;
-                    Plan::Fresh(fresh - 1)
-                }
+                Ok((plans, reserved, discards))
             })
-            .collect();
-        let mut reserved = Reserved {
-            shared: sh.clone(),
-            list: Vec::new(),
-        };
-        if fresh > 0 {
-            let got = sh
-                .read_pool(move |sh, pool| sh.reserve_run(pool, fresh))
-                .await?;
-            reserved.list = got.into_iter().map(Some).collect();
-        }
-        let new_block = |k: usize| -> DevResult<DataBlock> {
-            reserved
-                .list
-                .get(k)
-                .and_then(|r| r.as_ref().map(Reservation::block))
-                .ok_or_else(|| {
-                    DevError::Io(std::io::Error::other("reservation missing for a piece"))
-                })
-        };
+            .await?;
+        let fresh = reserved.list.len();
+        let new_block = |k: usize| -> DevResult<DataBlock> { Ok(reserved.block(k)?.0) };
         // Copies of partially written shared blocks: the old block with the write laid over
         // it, written whole (measured faster than copy_file_range + write: docs/io-engines.md).
         let mut copies: Vec<Vec<u8>> = Vec::new();
@@ -905,7 +1071,10 @@ impl Volume {
                 }
                 Plan::Fresh(k) if !p.whole(bs) => {
                     // A reused block may still hold data if a punch was lost to a crash.
-                    sh.data.make_zero(new_block(k)?).await.map_err(io_err)?;
+                    let (block, hole) = reserved.block(k)?;
+                    if !hole {
+                        sh.data.make_zero(block).await.map_err(io_err)?;
+                    }
                 }
                 _ => {}
             }
@@ -972,18 +1141,25 @@ impl Volume {
         sh.write_pool(move |sh, pool| {
             let mut retry = Vec::new();
             let mut failure: Option<DevError> = None;
+            // Only an unmap can have changed these mappings since we looked (we hold their
+            // slots and the device's gate); if none ran, no need to look again.
+            let recheck = state.discards.load(Ordering::Acquire) != discards;
             for (i, v, old, r) in inserts {
                 if failure.is_some() {
                     pool.release_reservation(r);
                     continue;
                 }
-                let now = match pool.lookup(dev, v) {
-                    Ok(m) => m.map(|m| m.block),
-                    Err(e) => {
-                        pool.release_reservation(r);
-                        failure = Some(e.into());
-                        continue;
+                let now = if recheck {
+                    match pool.lookup(dev, v) {
+                        Ok(m) => m.map(|m| m.block),
+                        Err(e) => {
+                            pool.release_reservation(r);
+                            failure = Some(e.into());
+                            continue;
+                        }
                     }
+                } else {
+                    old
                 };
                 if now != old {
                     pool.release_reservation(r);
@@ -1024,31 +1200,28 @@ impl Volume {
         if begin >= end {
             return Ok(());
         }
-        let dev = self.dev;
+        let (dev, state) = (self.dev, self.state.clone());
         self.shared
             .write_pool(move |sh, pool| {
-                // The blocks about to lose a reference (`sharing.rs`).
-                let mut removed = Vec::new();
-                let exact = end.0 - begin.0 <= DISCARD_LOOKUP_LIMIT;
-                if exact {
-                    for v in begin.0..end.0 {
-                        if let Some(m) = pool.lookup(dev, VirtBlock(v))? {
-                            removed.push(m.block);
-                        }
-                    }
-                    if removed.is_empty() {
-                        // Nothing mapped: no metadata change at all.
-                        sh.cache.forget_range(dev, begin, end);
-                        return Ok(());
-                    }
+                // A discard that changes nothing is not worth a metadata change (a trim of a
+                // never-written range, which file systems send a lot of).
+                let anything_mapped = (begin.0..end.0)
+                    .take(64)
+                    .any(|v| !matches!(sh.cache.get(dev, VirtBlock(v)), Some(Cached::Unmapped)));
+                if !anything_mapped && end.0 - begin.0 <= 64 {
+                    return Ok(());
                 }
+                state.discards.fetch_add(1, Ordering::AcqRel);
                 let result = pool.discard(dev, begin, end);
                 // Forget the range even after an error: the trees may have changed half way.
                 sh.cache.forget_range(dev, begin, end);
                 let mut less = sh.less_shared.lock();
-                match (&result, exact) {
-                    (Ok(_), true) => removed.into_iter().for_each(|b| less.note(b)),
-                    _ => less.distrust_all(),
+                match &result {
+                    // Every block that lost a mapping is less shared than in the last commit
+                    // (`sharing.rs`).
+                    Ok(d) => d.removed.iter().for_each(|&b| less.note(b)),
+                    // The trees may have changed half way: trust no lookup until the commit.
+                    Err(_) => less.distrust_all(),
                 }
                 drop(less);
                 let d = result?;
