@@ -390,7 +390,20 @@ impl BlockCache {
             }
         }
         dirty.sort_unstable();
+        // Seal each block, then write runs of consecutive blocks with one call each (new blocks
+        // are mostly allocated in order, so a commit is a few large writes, not thousands).
+        const MAX_RUN: usize = 256;
+        let mut run: Vec<u8> = Vec::with_capacity(MAX_RUN * BLOCK_SIZE);
+        let mut run_start = 0u64;
+        let mut run_blocks: Vec<u64> = Vec::with_capacity(MAX_RUN);
         for &nr in &dirty {
+            if !run_blocks.is_empty()
+                && (nr != run_start + run_blocks.len() as u64 || run_blocks.len() == MAX_RUN)
+            {
+                self.write_run(run_start, &run, &run_blocks)?;
+                run.clear();
+                run_blocks.clear();
+            }
             let mut shard = self.shard(nr).lock();
             let Some(&idx) = shard.map.get(&nr) else {
                 continue;
@@ -400,15 +413,37 @@ impl BlockCache {
             };
             let data = Arc::make_mut(&mut slot.data);
             slot.validator.seal(MetaBlock(nr), data);
-            self.io.write(MetaBlock(nr), data).map_err(|e| Error::Io {
-                block: OptBlock(Some(MetaBlock(nr))),
-                kind: slot.validator.kind(),
+            if run_blocks.is_empty() {
+                run_start = nr;
+            }
+            run.extend_from_slice(&data[..]);
+            run_blocks.push(nr);
+        }
+        if !run_blocks.is_empty() {
+            self.write_run(run_start, &run, &run_blocks)?;
+        }
+        Ok(dirty.len())
+    }
+
+    /// Writes sealed consecutive blocks starting at `start`, then marks them clean.
+    fn write_run(&self, start: u64, data: &[u8], blocks: &[u64]) -> Result<()> {
+        self.io
+            .write_run(MetaBlock(start), data)
+            .map_err(|e| Error::Io {
+                block: OptBlock(Some(MetaBlock(start))),
+                kind: BlockKind::Unknown,
                 op: "write",
                 source: e,
             })?;
-            slot.dirty = false;
+        for &nr in blocks {
+            let mut shard = self.shard(nr).lock();
+            if let Some(&idx) = shard.map.get(&nr)
+                && let Some(slot) = shard.slots.get_mut(idx).and_then(|s| s.as_mut())
+            {
+                slot.dirty = false;
+            }
         }
-        Ok(dirty.len())
+        Ok(())
     }
 
     /// Number of blocks held (for tests and memory accounting).

@@ -26,6 +26,19 @@ pub trait BlockIo: Send + Sync {
     fn read(&self, nr: MetaBlock, buf: &mut Block) -> io::Result<()>;
     /// Writes `buf` to block `nr`. Not durable until [`BlockIo::sync`] returns.
     fn write(&self, nr: MetaBlock, buf: &Block) -> io::Result<()>;
+    /// Writes `data` (a whole number of blocks) to consecutive blocks from `start`. The default
+    /// writes block by block; engines with a cheaper large write override it. Like `write`,
+    /// not durable until `sync`, and a power loss may keep any subset of its blocks.
+    fn write_run(&self, start: MetaBlock, data: &[u8]) -> io::Result<()> {
+        for (i, chunk) in data.chunks(crate::BLOCK_SIZE).enumerate() {
+            let block: &Block = chunk.try_into().map_err(|_| {
+                io::Error::new(io::ErrorKind::InvalidInput, "write_run needs whole blocks")
+            })?;
+            self.write(MetaBlock(start.0 + i as u64), block)?;
+        }
+        Ok(())
+    }
+
     /// Makes every write that completed before this call durable (fdatasync).
     fn sync(&self) -> io::Result<()>;
     /// Makes the device at least `nr_blocks` long (growing a regular file; a block device can

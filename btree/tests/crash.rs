@@ -133,8 +133,9 @@ fn run_workload(
     transactions: u64,
     seed: u64,
     overlay_limit: usize,
+    cache_blocks: usize,
 ) -> Vec<Model> {
-    let mut tm = TransactionManager::format(io, &TmConfig { cache_blocks: 48 }).unwrap();
+    let mut tm = TransactionManager::format(io, &TmConfig { cache_blocks }).unwrap();
     tm.set_overlay_limit(overlay_limit);
     tm.create_data_sm(20_000).unwrap();
     let mut top = BTree::<Top>::create(&mut tm).unwrap();
@@ -223,11 +224,16 @@ fn every_sync_point_with_lost_reordered_and_torn_writes() {
     let start = std::time::Instant::now();
     let mut states = 0u64;
     let mut thin_checked = 0;
-    // The second workload also flushes its space maps into their bitmaps mid-transaction.
-    for (seed, overlay_limit) in [(0x1234_5678u64, 1 << 16), (0x9abc_def1, 16)] {
+    // The second workload also flushes its space maps into their bitmaps mid-transaction; the
+    // third does too, with a cache so small that most blocks are written before the commit.
+    for (seed, overlay_limit, cache) in [
+        (0x1234_5678u64, 1 << 16, 48),
+        (0x9abc_def1, 16, 48),
+        (0x5eed_f00d, 64, 16),
+    ] {
         let base = MemIo::new(1024);
         let io = Arc::new(FaultyIo::recording(&base));
-        let models = run_workload(io.clone(), 30, seed, overlay_limit);
+        let models = run_workload(io.clone(), 30, seed, overlay_limit, cache);
         let epochs = io.history().epochs();
         assert!(epochs.len() > 60, "{} sync points", epochs.len());
         for (k, epoch) in epochs.iter().enumerate() {
@@ -293,7 +299,7 @@ fn io_errors_poison_the_transaction_and_leave_the_last_commit() {
         (IoOp::Read, 0),
     ] {
         let io = Arc::new(FaultyIo::new(1024));
-        let models = run_workload(io.clone(), 3, 99, 1 << 16);
+        let models = run_workload(io.clone(), 3, 99, 1 << 16, 48);
         let (mut tm, sb) = open(io.clone(), 16, 0).unwrap();
         assert_eq!(sb.trans_id, 3);
         let mut top = BTree::<Top>::open(MetaBlock(sb.mapping_root));

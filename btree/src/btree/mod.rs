@@ -338,6 +338,19 @@ impl<V: ValueType> BTree<V> {
         Ok(guard)
     }
 
+    /// Node `b`, already made writable in this operation, for another change in place. Its
+    /// parent points at `b`, so getting a different block back would be a bookkeeping bug:
+    /// report it rather than write through a stale pointer.
+    fn write_lock(tm: &mut TransactionManager, b: MetaBlock) -> Result<BlockMut> {
+        let (guard, _) = tm.shadow(b, &BTREE_NODE_VALIDATOR)?;
+        if guard.nr() != b {
+            return Err(Error::Internal(format!(
+                "{b} moved while the tree was being changed"
+            )));
+        }
+        Ok(guard)
+    }
+
     fn vs(leaf: bool) -> usize {
         if leaf { V::SIZE } else { 8 }
     }
@@ -460,7 +473,7 @@ impl<V: ValueType> BTree<V> {
         let Some((&(ploc, i), parent_path)) = path.split_last() else {
             return self.split_root(tm, loc, leaf, ents, append, prepend);
         };
-        let mut parent = Self::shadow_node(tm, ploc)?;
+        let mut parent = Self::write_lock(tm, ploc)?;
         let ph = node::parse(parent.nr(), &parent, V::SIZE)?;
         let pn = Node {
             nr: parent.nr(),
@@ -569,7 +582,7 @@ impl<V: ValueType> BTree<V> {
             let part = all.slice(at, at + size);
             at += size;
             let mut g = match blocks[k] {
-                Some(b) => tm.shadow(b, &BTREE_NODE_VALIDATOR)?.0,
+                Some(b) => Self::write_lock(tm, b)?,
                 None => {
                     let g = tm.new_block(&BTREE_NODE_VALIDATOR)?;
                     blocks[k] = Some(g.nr());
@@ -629,7 +642,7 @@ impl<V: ValueType> BTree<V> {
             part.write_node(&mut g, leaf);
             out.push(part.keys[0], &g.nr().0.to_le_bytes());
         }
-        let (mut root, _) = tm.shadow(loc, &BTREE_NODE_VALIDATOR)?;
+        let mut root = Self::write_lock(tm, loc)?;
         out.write_node(&mut root, false);
         self.root = root.nr();
         Ok(())
@@ -817,15 +830,14 @@ impl<V: ValueType> BTree<V> {
             let Some((ploc, i)) = path.pop() else {
                 return self.collapse_root(tm);
             };
-            let (nh, _) = {
+            let nh = {
                 let d = Self::read(tm, loc)?;
-                let n = node_at(loc, &d, V::SIZE)?;
-                (n.h, ())
+                node_at(loc, &d, V::SIZE)?.h
             };
             if nh.nr >= nh.min() {
                 return self.collapse_root(tm);
             }
-            let mut parent = Self::shadow_node(tm, ploc)?;
+            let mut parent = Self::write_lock(tm, ploc)?;
             let ph = node::parse(parent.nr(), &parent, V::SIZE)?;
             if ph.nr < 2 {
                 // Only the root can have a single child; collapsing makes the child the root.

@@ -75,6 +75,20 @@ impl BlockIo for FileIo {
         self.file.write_all_at(buf, off)
     }
 
+    fn write_run(&self, start: MetaBlock, data: &[u8]) -> io::Result<()> {
+        let nr = (data.len() / BLOCK_SIZE) as u64;
+        if data.len() % BLOCK_SIZE != 0 || nr == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "write_run needs whole blocks",
+            ));
+        }
+        let off = self
+            .check(MetaBlock(start.0 + nr - 1))
+            .map(|_| start.0 * BLOCK_SIZE as u64)?;
+        self.file.write_all_at(data, off)
+    }
+
     fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
     }
