@@ -13,6 +13,7 @@
 #   -t SECONDS  run time of each 4k job (default 15)
 #   -s SIZE     volume size (default 4G)
 #   -d DIR      scratch directory for images and pools (default: a new dir under /var/tmp)
+#   -c LAYERS   snapshot chain length (default 64; 0 skips the chain workloads)
 #
 # Each round, for each target, on fresh storage:
 #   randwrite-fresh  4k random writes into never-written blocks (random map: no block twice)
@@ -22,7 +23,15 @@
 #   seqread-1M       1 MiB sequential reads over the whole volume
 #   cow-randwrite    (uthin, qemu-qcow2 only) 4k random writes into a fresh snapshot of the
 #                    filled volume (uthin) / a fresh qcow2 overlay on the filled image
-# Results (fio JSON) are kept in DIR/results; the summary is printed at the end.
+#   chain-read-1st   (uthin, qemu-qcow2 only; -c 0 skips the chain) a chain of 64 snapshots
+#   chain-read-64th  of the filled volume (uthin: snapshot of the snapshot; qcow2: overlay on
+#                    overlay), each layer rewriting its own 64th of the volume with 1 MiB
+#                    writes; then 4k random reads on the first layer and on the 64th
+# Cache mode: both sides use the host page cache for data (qemu-nbd's default
+# --cache=writeback; uthin's data file is buffered I/O); fio sends no flushes, so uthin commits
+# only on its 1 s timer and qemu-nbd never syncs.
+# Results (fio JSON) are kept in DIR/results; the summary is printed at the end, with the load
+# average before each target's run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,13 +39,15 @@ ROUNDS=3
 RUNTIME=15
 SIZE=4G
 DIR=""
-while getopts "r:t:s:d:h" opt; do
+CHAIN=64
+while getopts "r:t:s:d:c:h" opt; do
     case $opt in
     r) ROUNDS=$OPTARG ;;
     t) RUNTIME=$OPTARG ;;
     s) SIZE=$OPTARG ;;
     d) DIR=$OPTARG ;;
-    *) sed -n '2,30p' "$0"; exit 2 ;;
+    c) CHAIN=$OPTARG ;;
+    *) sed -n '2,40p' "$0"; exit 2 ;;
     esac
 done
 shift $((OPTIND - 1))
@@ -100,9 +111,8 @@ start_target() {
         SERVER_PID=$!
         ;;
     uthin)
-        # Written against DESIGN.md's command line (pool create / create / serve).
-        "$UTHIN" --pool "$DIR/store/pool" pool create --data-size 16G --block-size 64K
-        "$UTHIN" --pool "$DIR/store/pool" create "$EXPORT" --size "$SIZE"
+        "$UTHIN" --pool "$DIR/store/pool" pool create --data-size 16G --block-size 64K >/dev/null
+        "$UTHIN" --pool "$DIR/store/pool" create "$EXPORT" --size "$SIZE" >/dev/null
         "$UTHIN" --pool "$DIR/store/pool" serve --nbd "127.0.0.1:$PORT" \
             >"$DIR/store/server.log" 2>&1 &
         SERVER_PID=$!
@@ -146,9 +156,55 @@ cow_workload() {
             --runtime="$RUNTIME" --time_based
         ;;
     uthin)
-        "$UTHIN" --pool "$DIR/store/pool" snapshot "$EXPORT" "$EXPORT-snap"
+        "$UTHIN" --pool "$DIR/store/pool" snapshot "$EXPORT" "$EXPORT-snap" >/dev/null
         run_fio "$t" "$round" cow-randwrite "$EXPORT-snap" --rw=randwrite --bs=4k \
             --runtime="$RUNTIME" --time_based
+        ;;
+    esac
+}
+
+# The snapshot chain: CHAIN layers over the filled volume, layer i rewriting the i-th slice
+# (volume / CHAIN) with 1 MiB writes; 4k random reads on layer 1 and on layer CHAIN.
+chain_workload() {
+    local t=$1 round=$2 i prev slice_mib size_mib
+    [ "$CHAIN" -gt 0 ] || return 0
+    size_mib=$(($(numfmt --from=iec "$SIZE") >> 20))
+    slice_mib=$((size_mib / CHAIN))
+    case $t in
+    uthin)
+        prev=$EXPORT
+        for i in $(seq 1 "$CHAIN"); do
+            "$UTHIN" --pool "$DIR/store/pool" snapshot "$prev" "chain$i" >/dev/null
+            qemu-io -f raw -c "write -P $((i % 250 + 1)) $(((i - 1) * slice_mib))M ${slice_mib}M" \
+                "nbd://127.0.0.1:$PORT/chain$i" >/dev/null
+            prev=chain$i
+        done
+        run_fio "$t" "$round" chain-read-1st chain1 --rw=randread --bs=4k \
+            --runtime="$RUNTIME" --time_based --randrepeat=0
+        run_fio "$t" "$round" chain-read-64th "chain$CHAIN" --rw=randread --bs=4k \
+            --runtime="$RUNTIME" --time_based --randrepeat=0
+        ;;
+    qemu-qcow2)
+        stop_server
+        prev=$DIR/store/disk.qcow2
+        for i in $(seq 1 "$CHAIN"); do
+            qemu-img create -q -f qcow2 -o cluster_size=64k -b "$prev" -F qcow2 \
+                "$DIR/store/chain$i.qcow2"
+            qemu-io -f qcow2 -c "write -P $((i % 250 + 1)) $(((i - 1) * slice_mib))M ${slice_mib}M" \
+                "$DIR/store/chain$i.qcow2" >/dev/null
+            prev=$DIR/store/chain$i.qcow2
+        done
+        for layer in 1 "$CHAIN"; do
+            qemu-nbd -f qcow2 -x "$EXPORT" -b 127.0.0.1 -p "$PORT" -t -e 8 \
+                "$DIR/store/chain$layer.qcow2" >>"$DIR/store/server.log" 2>&1 &
+            SERVER_PID=$!
+            wait_for_server "nbd://127.0.0.1:$PORT/$EXPORT"
+            local name=chain-read-1st
+            [ "$layer" = 1 ] || name=chain-read-64th
+            run_fio "$t" "$round" "$name" "$EXPORT" --rw=randread --bs=4k \
+                --runtime="$RUNTIME" --time_based --randrepeat=0
+            stop_server
+        done
         ;;
     esac
 }
@@ -156,7 +212,8 @@ cow_workload() {
 echo "bench-nbd: targets ${TARGETS[*]}, $ROUNDS rounds, ${RUNTIME}s per 4k job, $SIZE, results in $DIR/results" >&2
 for round in $(seq 1 "$ROUNDS"); do
     for t in $(printf '%s\n' "${TARGETS[@]}" | shuf); do
-        echo "== round $round: $t" >&2
+        echo "== round $round: $t (load average $(cut -d' ' -f1-3 /proc/loadavg))" >&2
+        echo "$round $t $(cut -d' ' -f1-3 /proc/loadavg)" >>"$DIR/results/loadavg"
         start_target "$t"
         # randrepeat=0: a different random sequence each round; the random map (default)
         # makes every write of the fresh pass land on a block never written before.
@@ -169,6 +226,7 @@ for round in $(seq 1 "$ROUNDS"); do
             --runtime="$RUNTIME" --time_based --randrepeat=0
         run_fio "$t" "$round" seqread-1M "$EXPORT" --rw=read --bs=1M
         cow_workload "$t" "$round"
+        chain_workload "$t" "$round"
         stop_server
     done
 done
@@ -178,8 +236,9 @@ python3 - "$DIR/results" "${TARGETS[@]}" <<'EOF'
 import glob, json, os, statistics, sys
 results, targets = sys.argv[1], sys.argv[2:]
 workloads = ["randwrite-fresh", "randwrite-again", "randread", "seqwrite-1M", "seqread-1M",
-             "cow-randwrite"]
+             "cow-randwrite", "chain-read-1st", "chain-read-64th"]
 data = {}
+loads = open(os.path.join(results, "loadavg")).read().split("\n") if os.path.exists(os.path.join(results, "loadavg")) else []
 for path in glob.glob(os.path.join(results, "*.json")):
     t, w, _round, _ = os.path.basename(path).split(".")
     j = json.load(open(path))["jobs"][0]
@@ -198,11 +257,22 @@ for w in workloads:
     med = {t: statistics.median(data[(t, w)]) for t in targets if (t, w) in data}
     row = f"{w:<16}" + "".join(f"{med[t]:>14.0f}" if t in med else f"{'-':>14}" for t in targets)
     base = med.get("qemu-qcow2") if w == "cow-randwrite" else med.get(ref)
+    if w.startswith("chain-"):
+        base = None  # compared with the same target's first layer below
     for t in targets:
         if t == ref:
             continue
         row += f"{med[t] / base:>16.2f}" if t in med and base else f"{'-':>16}"
     print(row)
+for t in targets:
+    a, b = data.get((t, "chain-read-1st")), data.get((t, "chain-read-64th"))
+    if a and b:
+        print(f"{t}: 4k randread on layer 64 / layer 1 = {statistics.median(b) / statistics.median(a):.2f}")
+print()
+print("load average (1/5/15 min) before each target's run:")
+for l in loads:
+    if l.strip():
+        print("  round " + l)
 print()
 print("all rounds:")
 for (t, w), v in sorted(data.items()):

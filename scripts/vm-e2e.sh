@@ -285,7 +285,9 @@ uthin_start() {
     local args=() v
     for v in $VOLUMES; do args+=(--vhost-user "$v=$WORK/$v.sock"); done
     rm -f "$WORK"/*.sock
-    "$UTHIN" --pool "$WORK/pool" serve "${args[@]}" >>"$WORK/server.log" 2>&1 &
+    # NBD on a Unix socket of our own: the default TCP port may be taken on a shared machine.
+    "$UTHIN" --pool "$WORK/pool" serve --nbd "unix:$WORK/nbd.sock" --num-queues 2 "${args[@]}" \
+        >>"$WORK/server.log" 2>&1 &
     SERVER_PID=$!
     wait_for_sockets
 }

@@ -7,9 +7,12 @@
 #![deny(missing_docs)]
 
 pub mod cli;
+pub mod daemon;
+pub mod data;
 pub mod device;
 pub mod nbd;
 pub mod pool;
 pub mod tools;
 pub mod units;
 pub mod vhost;
+pub mod volume;

@@ -1,17 +1,39 @@
 //! Real NBD clients against the server: qemu-io, qemu-img, nbdinfo, nbdcopy and fio's nbd
-//! engine. Each test gets its own server ([`target`]) and exports; the clients only see NBD
-//! URIs, so the same tests run against `uthin serve` once it is the target.
+//! engine. Each test gets its own server and exports; the clients only see NBD URIs, so every
+//! test runs twice: against the in-process server over `TestDevice` (`in_process::*`: the
+//! protocol layer) and against the real `uthin serve` binary on a temporary pool (`serve::*`:
+//! the whole stack, exports made with `uthin create`).
 //!
 //! A missing tool fails the test with the Debian package to install (scripts/test.sh installs
 //! them); nothing is skipped.
 
 mod nbd_support;
+mod serve_support;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use nbd_support::*;
+use serve_support::ServeProcess;
+
+impl Target for ServeProcess {
+    fn tcp_uri(&self, export: &str) -> String {
+        ServeProcess::tcp_uri(self, export)
+    }
+    fn unix_uri(&self, export: &str) -> String {
+        ServeProcess::unix_uri(self, export)
+    }
+    fn create_export(&self, name: &str, size: u64, read_only: bool) {
+        ServeProcess::create_export(self, name, size, read_only)
+    }
+    fn connections(&self) -> usize {
+        ServeProcess::connections(self)
+    }
+    fn description(&self, name: &str) -> String {
+        ServeProcess::description(self, name)
+    }
+}
 
 const MIB: u64 = 1 << 20;
 const LIMIT: Duration = Duration::from_secs(120);
@@ -77,9 +99,7 @@ fn sparse_image(path: &Path, size: u64, extents: &[(u64, usize)]) {
     }
 }
 
-#[test]
-fn qemu_io_patterns_over_tcp_and_unix() {
-    let t = target();
+fn qemu_io_patterns_over_tcp_and_unix(t: &impl Target) {
     t.create_export("disk", 64 * MIB, false);
     t.create_export("ro", 8 * MIB, true);
     for uri in [t.tcp_uri("disk"), t.unix_uri("disk")] {
@@ -144,10 +164,8 @@ fn qemu_io_patterns_over_tcp_and_unix() {
     );
 }
 
-#[test]
-fn qemu_img_info_convert_and_compare() {
+fn qemu_img_info_convert_and_compare(t: &impl Target) {
     require_tool("qemu-img", "qemu-utils");
-    let t = target();
     let size = 48 * MIB;
     t.create_export("dst", size, false);
     t.create_export("back", size, false);
@@ -246,9 +264,7 @@ fn qemu_img_info_convert_and_compare() {
     );
 }
 
-#[test]
-fn nbdinfo_lists_sizes_and_maps_exports() {
-    let t = target();
+fn nbdinfo_lists_sizes_and_maps_exports(t: &impl Target) {
     t.create_export("alpha", 8 * MIB, true);
     t.create_export("beta", 64 * MIB, false);
     require_tool("nbdinfo", "libnbd-bin");
@@ -257,7 +273,7 @@ fn nbdinfo_lists_sizes_and_maps_exports() {
     for needle in [
         "export=\"alpha\"",
         "export=\"beta\"",
-        "description: test export beta",
+        &format!("description: {}", t.description("beta")),
         "export-size: 67108864",
         "is_read_only: true",
         "can_multi_conn: true",
@@ -300,10 +316,8 @@ fn nbdinfo_lists_sizes_and_maps_exports() {
     assert_eq!(data_ranges(&beta), vec![(327680, 65536), (40 * MIB, 65536)]);
 }
 
-#[test]
-fn nbdcopy_copies_sparsely_in_and_out() {
+fn nbdcopy_copies_sparsely_in_and_out(t: &impl Target) {
     require_tool("nbdcopy", "libnbd-bin");
-    let t = target();
     let size = 64 * MIB;
     t.create_export("vol", size, false);
     let dir = tempfile::tempdir().unwrap();
@@ -358,9 +372,7 @@ fn fio(t: &impl Target, args: &[&str]) -> (Output, usize) {
     (out, max_conns.into_inner())
 }
 
-#[test]
-fn fio_nbd_engine_verifies_random_and_sequential_io() {
-    let t = target();
+fn fio_nbd_engine_verifies_random_and_sequential_io(t: &impl Target) {
     t.create_export("fio", 256 * MIB, false);
     let uri = format!("--uri={}", t.tcp_uri("fio"));
     let common = [
@@ -384,7 +396,7 @@ fn fio_nbd_engine_verifies_random_and_sequential_io() {
         "--size=24M",
         "--offset_increment=32M",
     ]);
-    let (out, conns) = fio(&t, &args);
+    let (out, conns) = fio(t, &args);
     let out = out.ok("fio randwrite + verify");
     assert!(out.stdout.contains("err= 0"), "{}", out.stdout);
     assert!(conns >= 2, "fio's jobs used {conns} connection(s)");
@@ -400,7 +412,7 @@ fn fio_nbd_engine_verifies_random_and_sequential_io() {
         "--offset=128M",
         "--offset_increment=64M",
     ]);
-    let (out, _) = fio(&t, &args);
+    let (out, _) = fio(t, &args);
     let out = out.ok("fio sequential write + verify");
     assert!(out.stdout.contains("err= 0"), "{}", out.stdout);
 
@@ -415,6 +427,26 @@ fn fio_nbd_engine_verifies_random_and_sequential_io() {
         "--size=16M",
         "--offset=200M",
     ]);
-    let (out, _) = fio(&t, &args);
+    let (out, _) = fio(t, &args);
     out.ok("fio randrw");
 }
+
+/// Runs each test body against both servers.
+macro_rules! against_both_servers {
+    ($($name:ident),* $(,)?) => {
+        mod in_process {
+            $( #[test] fn $name() { super::$name(&super::InProcessServer::start()); } )*
+        }
+        mod serve {
+            $( #[test] fn $name() { super::$name(&super::ServeProcess::start_fresh()); } )*
+        }
+    };
+}
+
+against_both_servers!(
+    qemu_io_patterns_over_tcp_and_unix,
+    qemu_img_info_convert_and_compare,
+    nbdinfo_lists_sizes_and_maps_exports,
+    nbdcopy_copies_sparsely_in_and_out,
+    fio_nbd_engine_verifies_random_and_sequential_io
+);

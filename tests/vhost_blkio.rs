@@ -4,6 +4,8 @@
 //! shared memory) are crafted with `virtio-driver`, the crate under libblkio, whose virtqueue
 //! API lets the test place arbitrary descriptors.
 
+mod serve_support;
+
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -118,7 +120,15 @@ fn read_write_patterns_many_in_flight() {
     let path = socket_in(&dir);
     let dev = Arc::new(MemDevice::new(64 * MIB, BLOCK, false));
     let server = serve(&dev, &path, 1);
-    let mut c = Client::connect(&path, 1, false).unwrap();
+    read_write_patterns(&path);
+    server.stop().unwrap();
+    assert!(!path.exists(), "stop removes the socket");
+}
+
+/// Writes and reads patterns (many requests in flight, scatter-gather, zeros, flush, out of
+/// range) on a 64 MiB device served at `path`.
+fn read_write_patterns(path: &Path) {
+    let mut c = Client::connect(path, 1, false).unwrap();
     assert_eq!(c.capacity(), 64 * MIB);
 
     // (offset, len): aligned 4k, sector-aligned odd sizes, block-spanning, 1 MiB, the last sector.
@@ -203,9 +213,6 @@ fn read_write_patterns_many_in_flight() {
     for (id, ret) in wait(&mut c.queues[0], 2) {
         assert!(ret < 0, "out-of-range request {id} must fail");
     }
-    drop(c);
-    server.stop().unwrap();
-    assert!(!path.exists(), "stop removes the socket");
 }
 
 #[test]
@@ -798,4 +805,77 @@ fn garbage_on_the_socket_ends_only_that_connection() {
     all_ok(&wait(&mut c.queues[0], 1));
     drop(c);
     server.stop().unwrap();
+}
+
+/// The same patterns through `uthin serve --vhost-user` on a real pool; then the socket managed
+/// live over the control socket (list, remove, add), a read-only snapshot served while the
+/// origin changes, delete refused while a socket serves the volume, and a restart.
+#[test]
+fn serve_vhost_user_patterns_live_add_remove_and_restart() {
+    init_logging();
+    let mut s = serve_support::ServeProcess::with_pool("1G");
+    s.ok(&["create", "vol", "--size", "64M"]);
+    let sock = s.dir.path().join("vol.sock");
+    let sock_s = sock.to_str().unwrap().to_string();
+    s.extra = vec![
+        "--vhost-user".into(),
+        format!("vol={sock_s}"),
+        "--num-queues".into(),
+        "2".into(),
+    ];
+    s.start();
+    read_write_patterns(&sock);
+    let list = s.ok(&["vhost", "list"]);
+    assert!(
+        list.contains("vol") && list.contains(&sock_s) && list.contains(" 2"),
+        "{list}"
+    );
+    s.fails(&["delete", "vol"], "uthin vhost remove vol");
+
+    assert_eq!(
+        s.ok(&["vhost", "remove", "vol"]),
+        "stopped serving vol over vhost-user-blk\n"
+    );
+    assert!(!sock.exists(), "remove takes the socket away");
+    s.ok(&["snapshot", "vol", "vol-ro", "--read-only"]);
+    let ro_sock = s.dir.path().join("ro.sock");
+    s.ok(&["vhost", "add", "vol-ro", ro_sock.to_str().unwrap()]);
+    s.ok(&["vhost", "add", "vol", &sock_s, "--num-queues", "1"]);
+    let err = Client::connect(&ro_sock, 1, false)
+        .err()
+        .expect("a read-only snapshot refuses a writable open");
+    assert!(err.message().contains("read-only"), "{}", err.message());
+
+    // The origin is rewritten; the snapshot keeps what the patterns wrote.
+    let mut c = Client::connect(&sock, 1, false).unwrap();
+    c.mem()[..4096].copy_from_slice(&pattern(77, 4096));
+    let p = c.ptr(0);
+    c.queues[0].write(0, p, 4096, 0, ReqFlags::empty());
+    all_ok(&wait(&mut c.queues[0], 1));
+    c.queues[0].flush(1, ReqFlags::empty());
+    all_ok(&wait(&mut c.queues[0], 1));
+    let mut ro = Client::connect(&ro_sock, 1, true).unwrap();
+    let p = ro.ptr(0);
+    ro.queues[0].read(0, p, 4096, 0, ReqFlags::empty());
+    all_ok(&wait(&mut ro.queues[0], 1));
+    assert!(
+        ro.mem()[..4096] == pattern(0, 4096)[..],
+        "the snapshot keeps the old data"
+    );
+    drop((c, ro));
+
+    // A restart serves the socket again (from --vhost-user) with the same data.
+    assert_eq!(s.stop().code(), Some(0));
+    assert!(!sock.exists());
+    s.start();
+    let mut c = Client::connect(&sock, 2, false).unwrap();
+    let p = c.ptr(0);
+    c.queues[1].read(0, p, 4096, 0, ReqFlags::empty());
+    all_ok(&wait(&mut c.queues[1], 1));
+    assert!(
+        c.mem()[..4096] == pattern(77, 4096)[..],
+        "the data survives the restart"
+    );
+    drop(c);
+    assert_eq!(s.stop().code(), Some(0));
 }

@@ -1,13 +1,22 @@
 //! The `uthin` command line: argument parsing (clap), pool selection, output (human or
 //! `--json`) and exit codes (0 ok, 1 error, 2 usage).
+//!
+//! Commands that read or change a pool become a [`Request`]. While `uthin serve` owns the pool,
+//! the request goes to its control socket and the server acts on the live pool; otherwise the
+//! command opens the pool itself. Either way the answer is a [`Reply`] and one renderer prints
+//! it, so a command's output and exit code do not depend on where it ran.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgAction, Args, Parser, Subcommand};
 use serde_json::json;
 
+use crate::daemon::control::{self, ListEntry, Reply, Request, VhostEntry};
+use crate::daemon::{DEFAULT_NUM_QUEUES, ServeOptions};
+use crate::nbd::ListenAddr;
 use crate::pool::size::{format_size, parse_size};
 use crate::pool::{CreateOptions, Pool, PoolError, PoolStatus, VolumeInfo};
 use crate::units::DevId;
@@ -27,6 +36,9 @@ pub struct Cli {
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,
+    /// More log output on stderr (-v, -vv); RUST_LOG overrides it.
+    #[arg(short, long, global = true, action = ArgAction::Count)]
+    pub verbose: u8,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -114,12 +126,70 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Serve volumes over NBD and vhost-user-blk.
-    Serve {
-        /// Anything; this build has no server.
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
+    /// Serve every volume over NBD (and some over vhost-user-blk) until SIGTERM/SIGINT.
+    /// Creates ./uthin-pool with a 10G volume `vol0` when there is no pool yet.
+    Serve(ServeArgs),
+    /// vhost-user-blk sockets of a running `uthin serve`.
+    #[command(subcommand)]
+    Vhost(VhostCommand),
+}
+
+fn nbd_addr_arg(s: &str) -> Result<ListenAddr, String> {
+    s.parse::<ListenAddr>().map_err(|e| e.to_string())
+}
+
+fn socket_arg(s: &str) -> Result<PathBuf, String> {
+    if s.is_empty() {
+        return Err("the socket path is empty".into());
+    }
+    std::path::absolute(s).map_err(|e| format!("{s}: {e}"))
+}
+
+fn vhost_arg(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((name, socket)) if !name.is_empty() => Ok((name.to_string(), socket_arg(socket)?)),
+        _ => Err(format!("expected NAME=SOCKET, not {s:?}")),
+    }
+}
+
+/// `uthin serve` options.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Serve NBD on ADDR: HOST:PORT or unix:PATH (repeatable; default 127.0.0.1:10809;
+    /// 0.0.0.0:10809 serves every interface).
+    #[arg(long = "nbd", value_name = "ADDR", value_parser = nbd_addr_arg)]
+    pub nbd: Vec<ListenAddr>,
+    /// Serve volume NAME over vhost-user-blk on the Unix socket SOCKET (repeatable).
+    #[arg(long = "vhost-user", value_name = "NAME=SOCKET", value_parser = vhost_arg)]
+    pub vhost_user: Vec<(String, PathBuf)>,
+    /// Request queues of each vhost-user-blk socket (1-64; one thread each).
+    #[arg(long, default_value_t = DEFAULT_NUM_QUEUES,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub num_queues: u16,
+}
+
+/// `uthin vhost ...` (talks to a running `uthin serve`).
+#[derive(Debug, Subcommand)]
+pub enum VhostCommand {
+    /// Serve a volume over vhost-user-blk on a Unix socket.
+    Add {
+        /// The volume.
+        name: String,
+        /// The socket path.
+        #[arg(value_parser = socket_arg)]
+        socket: PathBuf,
+        /// Request queues (default: the server's --num-queues).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+        num_queues: Option<u16>,
     },
+    /// Stop serving a volume over vhost-user-blk (a connected VM loses the disk after its
+    /// requests in flight complete).
+    Remove {
+        /// The volume.
+        name: String,
+    },
+    /// List the vhost-user-blk sockets.
+    List,
 }
 
 /// `uthin check` options.
@@ -199,6 +269,13 @@ pub fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    let serving = matches!(cli.command, Command::Serve(_));
+    let levels: &[&str] = if serving {
+        &["info", "uthin=debug,info", "uthin=trace,info"]
+    } else {
+        &["warn", "info", "uthin=debug,info", "uthin=trace,info"]
+    };
+    crate::daemon::init_logging(levels[usize::from(cli.verbose).min(levels.len() - 1)]);
     let json = cli.json;
     match run(cli) {
         Ok(code) => code,
@@ -218,6 +295,12 @@ pub enum CliError {
     /// A pool error.
     #[error(transparent)]
     Pool(#[from] PoolError),
+    /// `uthin serve` failed.
+    #[error(transparent)]
+    Serve(#[from] crate::daemon::ServeError),
+    /// The control socket of a running server failed.
+    #[error(transparent)]
+    Control(#[from] control::ClientError),
     /// Anything else, already worded for the user.
     #[error("{0}")]
     Other(String),
@@ -229,17 +312,39 @@ fn print_json(value: &serde_json::Value) {
     let _ = writeln!(out);
 }
 
+/// Options of a command that the client applies itself (they never travel to a server).
+#[derive(Debug, Default)]
+struct Local {
+    /// `check --quiet`.
+    quiet: bool,
+    /// `dump -o FILE`.
+    output: Option<PathBuf>,
+}
+
 /// Runs a parsed command; returns the exit code.
 pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     let dir = pool_dir(cli.pool);
     let json = cli.json;
-    match cli.command {
+    let mut local = Local::default();
+    let request = match cli.command {
+        Command::Serve(args) => {
+            crate::daemon::serve(
+                &dir,
+                ServeOptions {
+                    nbd: args.nbd,
+                    vhost: args.vhost_user,
+                    num_queues: args.num_queues,
+                },
+            )?;
+            return Ok(ExitCode::SUCCESS);
+        }
         Command::Pool(PoolCommand::Create {
             data_size,
             block_size,
             metadata_size,
             force,
         }) => {
+            refuse_if_served(&dir, "pool create")?;
             let pool = Pool::create(
                 &dir,
                 &CreateOptions {
@@ -261,146 +366,14 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
                     format_size(st.metadata_total_blocks * 4096)
                 );
             }
-        }
-        Command::Pool(PoolCommand::Status) => {
-            let pool = Pool::open(&dir)?;
-            let st = pool.status()?;
-            if json {
-                print_json(&status_json(&dir, &st));
-            } else {
-                print_status(&dir, &st);
-            }
-        }
-        Command::Pool(PoolCommand::Grow {
-            data_size,
-            metadata_size,
-        }) => {
-            if data_size.is_none() && metadata_size.is_none() {
-                return Err(CliError::Other(
-                    "pool grow needs --data-size SIZE and/or --metadata-size SIZE".into(),
-                ));
-            }
-            let mut pool = Pool::open(&dir)?;
-            if let Some(size) = data_size {
-                pool.grow_data(size)?;
-            }
-            if let Some(size) = metadata_size {
-                pool.grow_metadata(size)?;
-            }
-            let st = pool.status()?;
-            if json {
-                print_json(&status_json(&dir, &st));
-            } else {
-                println!(
-                    "pool {}: {} of data, {} of metadata",
-                    dir.display(),
-                    format_size(st.data_total_bytes()),
-                    format_size(st.metadata_total_blocks * 4096)
-                );
-            }
-        }
-        Command::Create { name, size } => {
-            let mut pool = Pool::open(&dir)?;
-            let v = pool.create_volume(&name, size)?;
-            report_volume(json, "created", &v);
-        }
-        Command::Snapshot {
-            origin,
-            name,
-            read_only,
-        } => {
-            let mut pool = Pool::open(&dir)?;
-            let v = pool.snapshot(&origin, &name, read_only)?;
-            report_volume(json, "created snapshot", &v);
-        }
-        Command::Delete { name } => {
-            let mut pool = Pool::open(&dir)?;
-            let c = pool.delete_volume(&name)?;
-            // Nothing else runs on this pool: give the freed space back to the host now.
-            pool.punch_freed(&c.freed)?;
-            if json {
-                print_json(&json!({ "deleted": name }));
-            } else {
-                println!("deleted {name}");
-            }
-        }
-        Command::Rename { old, new } => {
-            let mut pool = Pool::open(&dir)?;
-            pool.rename(&old, &new)?;
-            if json {
-                print_json(&json!({ "renamed": old, "to": new }));
-            } else {
-                println!("renamed {old} to {new}");
-            }
-        }
-        Command::Adopt { dev_id, name, size } => {
-            let mut pool = Pool::open(&dir)?;
-            let v = pool.adopt(DevId(dev_id), &name, size)?;
-            report_volume(json, "adopted", &v);
-        }
-        Command::List => {
-            let pool = Pool::open(&dir)?;
-            let vols = pool.list()?;
-            let mut rows = Vec::new();
-            for v in &vols {
-                let usage = if v.missing {
-                    None
-                } else {
-                    Some(pool.usage(v.dev_id)?)
-                };
-                rows.push((v, usage));
-            }
-            if json {
-                let bs = pool.data_block_size();
-                let items: Vec<_> = rows
-                    .iter()
-                    .map(|(v, u)| {
-                        let mut o = serde_json::to_value(v).unwrap_or_default();
-                        if let (Some(u), Some(map)) = (u, o.as_object_mut()) {
-                            map.insert("exclusive_bytes".into(), json!(u.exclusive_blocks * bs));
-                            map.insert("shared_bytes".into(), json!(u.shared_blocks * bs));
-                        }
-                        o
-                    })
-                    .collect();
-                print_json(&json!(items));
-            } else {
-                print_list(&rows, pool.data_block_size());
-            }
-        }
-        Command::Check(args) => {
-            let report = crate::tools::check::check_pool(&dir, !args.quiet)?;
-            if json {
-                print_json(&report.to_json());
-            } else {
-                print!("{}", report.to_text());
-            }
-            if !report.is_clean() {
-                return Ok(ExitCode::from(EXIT_ERROR));
-            }
-        }
-        Command::Repair(args) => return run_repair(&dir, json, args),
-        Command::Delta { left, right } => {
-            let pool = Pool::open(&dir)?;
-            let l = resolve_volume(&pool, &left)?;
-            let r = resolve_volume(&pool, &right)?;
-            print!("{}", crate::tools::delta::delta_xml(&pool, l, r)?);
-        }
-        Command::Dump { output } => {
-            let pool = Pool::open(&dir)?;
-            let xml = crate::tools::dump::dump_xml(&pool)?;
-            match output {
-                Some(path) => std::fs::write(&path, xml).map_err(|e| {
-                    CliError::Other(format!("cannot write {}: {e}", path.display()))
-                })?,
-                None => print!("{xml}"),
-            }
+            return Ok(ExitCode::SUCCESS);
         }
         Command::Restore {
             input,
             metadata_size,
             force,
         } => {
+            refuse_if_served(&dir, "restore")?;
             let text = std::fs::read_to_string(&input)
                 .map_err(|e| CliError::Other(format!("cannot read {}: {e}", input.display())))?;
             let xml = crate::tools::xml::parse_xml(&text)
@@ -417,13 +390,311 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
                     st.transaction_id
                 );
             }
+            return Ok(ExitCode::SUCCESS);
         }
-        Command::Serve { .. } => {
-            return Err(CliError::Other(
-                "`serve` is not available in this build (the NBD/vhost servers are not linked in)"
-                    .into(),
-            ));
+        Command::Repair(args) => {
+            refuse_if_served(&dir, "repair")?;
+            return run_repair(&dir, json, args);
         }
+        Command::Pool(PoolCommand::Status) => Request::Status,
+        Command::Pool(PoolCommand::Grow {
+            data_size,
+            metadata_size,
+        }) => {
+            if data_size.is_none() && metadata_size.is_none() {
+                return Err(CliError::Other(
+                    "pool grow needs --data-size SIZE and/or --metadata-size SIZE".into(),
+                ));
+            }
+            Request::Grow {
+                data_size,
+                metadata_size,
+            }
+        }
+        Command::Create { name, size } => Request::Create { name, size },
+        Command::Snapshot {
+            origin,
+            name,
+            read_only,
+        } => Request::Snapshot {
+            origin,
+            name,
+            read_only,
+        },
+        Command::Delete { name } => Request::Delete { name },
+        Command::Rename { old, new } => Request::Rename { old, new },
+        Command::Adopt { dev_id, name, size } => Request::Adopt { dev_id, name, size },
+        Command::List => Request::List,
+        Command::Check(args) => {
+            local.quiet = args.quiet;
+            Request::Check
+        }
+        Command::Delta { left, right } => Request::Delta { left, right },
+        Command::Dump { output } => {
+            local.output = output;
+            Request::Dump
+        }
+        Command::Vhost(VhostCommand::Add {
+            name,
+            socket,
+            num_queues,
+        }) => Request::VhostAdd {
+            name,
+            socket,
+            num_queues,
+        },
+        Command::Vhost(VhostCommand::Remove { name }) => Request::VhostRemove { name },
+        Command::Vhost(VhostCommand::List) => Request::VhostList,
+    };
+    let reply = execute(&dir, &request, &local)?;
+    render(&dir, json, &request, &local, reply)
+}
+
+/// Runs `request` on the server that owns the pool, or on the pool itself when none does.
+fn execute(dir: &Path, request: &Request, local: &Local) -> Result<Reply, CliError> {
+    if let Some(client) = control::Client::connect(dir)? {
+        return call(client, request);
+    }
+    match offline(dir, request, local) {
+        Err(CliError::Pool(PoolError::Locked { dir: d, pid })) => {
+            // A server that is starting holds the lock before its control socket exists.
+            for _ in 0..20 {
+                std::thread::sleep(Duration::from_millis(100));
+                if let Some(client) = control::Client::connect(dir)? {
+                    return call(client, request);
+                }
+            }
+            Err(CliError::Pool(PoolError::Locked { dir: d, pid }))
+        }
+        other => other,
+    }
+}
+
+fn call(mut client: control::Client, request: &Request) -> Result<Reply, CliError> {
+    let response = client.call(request)?;
+    match (response.ok, response.reply, response.error) {
+        (true, Some(reply), _) => Ok(reply),
+        (_, _, Some(error)) => Err(CliError::Other(error)),
+        _ => Err(CliError::Other(
+            "the server answered neither a result nor an error".into(),
+        )),
+    }
+}
+
+/// Fails with a clear message when `uthin serve` owns the pool in `dir`.
+fn refuse_if_served(dir: &Path, what: &str) -> Result<(), CliError> {
+    if control::Client::connect(dir)?.is_none() {
+        return Ok(());
+    }
+    let pid = std::fs::read_to_string(dir.join("lock"))
+        .ok()
+        .and_then(|t| t.trim().parse::<u32>().ok())
+        .map(|p| format!(" (process {p})"))
+        .unwrap_or_default();
+    Err(CliError::Other(format!(
+        "pool {} is being served by `uthin serve`{pid}: `{what}` needs the pool to itself; \
+         stop the server first",
+        dir.display()
+    )))
+}
+
+/// Runs `request` on the pool in `dir`, which no server owns.
+fn offline(dir: &Path, request: &Request, local: &Local) -> Result<Reply, CliError> {
+    Ok(match request {
+        Request::Status => Reply::Status {
+            status: Pool::open(dir)?.status()?,
+        },
+        Request::Grow {
+            data_size,
+            metadata_size,
+        } => {
+            let mut pool = Pool::open(dir)?;
+            if let Some(size) = data_size {
+                pool.grow_data(*size)?;
+            }
+            if let Some(size) = metadata_size {
+                pool.grow_metadata(*size)?;
+            }
+            Reply::Status {
+                status: pool.status()?,
+            }
+        }
+        Request::Create { name, size } => Reply::Volume {
+            volume: Pool::open(dir)?.create_volume(name, *size)?,
+        },
+        Request::Snapshot {
+            origin,
+            name,
+            read_only,
+        } => Reply::Volume {
+            volume: Pool::open(dir)?.snapshot(origin, name, *read_only)?,
+        },
+        Request::Delete { name } => {
+            let mut pool = Pool::open(dir)?;
+            let c = pool.delete_volume(name)?;
+            // Nothing else runs on this pool: give the freed space back to the host now.
+            pool.punch_freed(&c.freed)?;
+            Reply::Done
+        }
+        Request::Rename { old, new } => {
+            Pool::open(dir)?.rename(old, new)?;
+            Reply::Done
+        }
+        Request::Adopt { dev_id, name, size } => Reply::Volume {
+            volume: Pool::open(dir)?.adopt(DevId(*dev_id), name, *size)?,
+        },
+        Request::List => crate::daemon::list_reply(&Pool::open(dir)?).map_err(CliError::Other)?,
+        Request::Check => {
+            let report = crate::tools::check::check_pool(dir, !local.quiet)?;
+            Reply::Check {
+                clean: report.is_clean(),
+                text: report.to_text(),
+                json: report.to_json(),
+            }
+        }
+        Request::Delta { left, right } => {
+            let pool = Pool::open(dir)?;
+            let l = resolve_volume(&pool, left)?;
+            let r = resolve_volume(&pool, right)?;
+            Reply::Text {
+                text: crate::tools::delta::delta_xml(&pool, l, r)?,
+            }
+        }
+        Request::Dump => Reply::Text {
+            text: crate::tools::dump::dump_xml(&Pool::open(dir)?)?,
+        },
+        Request::VhostAdd { .. } | Request::VhostRemove { .. } | Request::VhostList => {
+            return Err(CliError::Other(format!(
+                "`uthin vhost` needs a running `uthin serve` on pool {} (no server listens on {})",
+                dir.display(),
+                control::socket_path(dir).display()
+            )));
+        }
+    })
+}
+
+fn unexpected(reply: &Reply) -> CliError {
+    CliError::Other(format!("unexpected answer: {reply:?}"))
+}
+
+/// Prints a command's answer; the exit code is 1 for a check that found problems.
+fn render(
+    dir: &Path,
+    json: bool,
+    request: &Request,
+    local: &Local,
+    reply: Reply,
+) -> Result<ExitCode, CliError> {
+    match (request, reply) {
+        (Request::Create { .. }, Reply::Volume { volume }) => {
+            report_volume(json, "created", &volume)
+        }
+        (Request::Snapshot { .. }, Reply::Volume { volume }) => {
+            report_volume(json, "created snapshot", &volume)
+        }
+        (Request::Adopt { .. }, Reply::Volume { volume }) => {
+            report_volume(json, "adopted", &volume)
+        }
+        (Request::Delete { name }, Reply::Done) => {
+            if json {
+                print_json(&json!({ "deleted": name }));
+            } else {
+                println!("deleted {name}");
+            }
+        }
+        (Request::Rename { old, new }, Reply::Done) => {
+            if json {
+                print_json(&json!({ "renamed": old, "to": new }));
+            } else {
+                println!("renamed {old} to {new}");
+            }
+        }
+        (Request::Status, Reply::Status { status }) => {
+            if json {
+                print_json(&status_json(dir, &status));
+            } else {
+                print_status(dir, &status);
+            }
+        }
+        (Request::Grow { .. }, Reply::Status { status }) => {
+            if json {
+                print_json(&status_json(dir, &status));
+            } else {
+                println!(
+                    "pool {}: {} of data, {} of metadata",
+                    dir.display(),
+                    format_size(status.data_total_bytes()),
+                    format_size(status.metadata_total_blocks * 4096)
+                );
+            }
+        }
+        (
+            Request::List,
+            Reply::List {
+                block_size,
+                volumes,
+            },
+        ) => {
+            if json {
+                print_json(&list_json(&volumes, block_size));
+            } else {
+                print_list(&volumes, block_size);
+            }
+        }
+        (
+            Request::Check,
+            Reply::Check {
+                clean,
+                text,
+                json: j,
+            },
+        ) => {
+            if json {
+                print_json(&j);
+            } else {
+                print!("{text}");
+            }
+            if !clean {
+                return Ok(ExitCode::from(EXIT_ERROR));
+            }
+        }
+        (Request::Dump, Reply::Text { text }) => match &local.output {
+            Some(path) => std::fs::write(path, text)
+                .map_err(|e| CliError::Other(format!("cannot write {}: {e}", path.display())))?,
+            None => print!("{text}"),
+        },
+        (Request::Delta { .. }, Reply::Text { text }) => print!("{text}"),
+        (
+            Request::VhostAdd {
+                name,
+                socket,
+                num_queues,
+            },
+            Reply::Done,
+        ) => {
+            if json {
+                print_json(
+                    &json!({ "vhost_added": name, "socket": socket, "num_queues": num_queues }),
+                );
+            } else {
+                println!("serving {name} over vhost-user-blk at {}", socket.display());
+            }
+        }
+        (Request::VhostRemove { name }, Reply::Done) => {
+            if json {
+                print_json(&json!({ "vhost_removed": name }));
+            } else {
+                println!("stopped serving {name} over vhost-user-blk");
+            }
+        }
+        (Request::VhostList, Reply::Vhost { sockets }) => {
+            if json {
+                print_json(&serde_json::to_value(&sockets).unwrap_or_default());
+            } else {
+                print_vhost(&sockets);
+            }
+        }
+        (_, other) => return Err(unexpected(&other)),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -451,7 +722,7 @@ fn run_repair(dir: &std::path::Path, json: bool, args: RepairArgs) -> Result<Exi
 }
 
 /// A volume given by name, or by device id for devices without one.
-fn resolve_volume(pool: &Pool, arg: &str) -> Result<DevId, PoolError> {
+pub(crate) fn resolve_volume(pool: &Pool, arg: &str) -> Result<DevId, PoolError> {
     match pool.volume(arg) {
         Ok(v) => Ok(v.dev_id),
         Err(e) => match arg.parse::<u32>() {
@@ -555,7 +826,54 @@ fn print_status(dir: &std::path::Path, st: &PoolStatus) {
     }
 }
 
-fn print_list(rows: &[(&VolumeInfo, Option<crate::pool::Usage>)], block_size: u64) {
+fn list_json(rows: &[ListEntry], block_size: u64) -> serde_json::Value {
+    let items: Vec<_> = rows
+        .iter()
+        .map(|e| {
+            let mut o = serde_json::to_value(&e.volume).unwrap_or_default();
+            if let (Some(u), Some(map)) = (&e.usage, o.as_object_mut()) {
+                map.insert(
+                    "exclusive_bytes".into(),
+                    json!(u.exclusive_blocks * block_size),
+                );
+                map.insert("shared_bytes".into(), json!(u.shared_blocks * block_size));
+            }
+            o
+        })
+        .collect();
+    json!(items)
+}
+
+fn print_table<const N: usize>(table: &[[String; N]]) {
+    let mut widths = [0usize; N];
+    for row in table {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    for row in table {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+}
+
+fn print_vhost(sockets: &[VhostEntry]) {
+    let mut table = vec![["NAME".to_string(), "SOCKET".into(), "QUEUES".into()]];
+    for v in sockets {
+        table.push([
+            v.name.clone(),
+            v.socket.display().to_string(),
+            v.num_queues.to_string(),
+        ]);
+    }
+    print_table(&table);
+}
+
+fn print_list(rows: &[ListEntry], block_size: u64) {
     let mut table = vec![[
         "NAME".to_string(),
         "DEV".into(),
@@ -566,7 +884,11 @@ fn print_list(rows: &[(&VolumeInfo, Option<crate::pool::Usage>)], block_size: u6
         "ORIGIN".into(),
         "RO".into(),
     ]];
-    for (v, u) in rows {
+    for ListEntry {
+        volume: v,
+        usage: u,
+    } in rows
+    {
         let name = match (&v.name, v.missing) {
             (Some(n), true) => format!("{n} (missing)"),
             (Some(n), false) => n.clone(),
@@ -590,18 +912,5 @@ fn print_list(rows: &[(&VolumeInfo, Option<crate::pool::Usage>)], block_size: u6
             if v.read_only { "ro" } else { "rw" }.into(),
         ]);
     }
-    let mut widths = [0usize; 8];
-    for row in &table {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    for row in &table {
-        let line: Vec<String> = row
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        println!("{}", line.join("  ").trim_end());
-    }
+    print_table(&table);
 }

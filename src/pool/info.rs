@@ -1,17 +1,17 @@
 //! What the pool reports: per-volume and pool-wide figures (plain data, serializable for
 //! `--json`).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::units::{DataBlock, DevId};
 
 /// A thin device as `list` shows it: its name record (when it has one) and its metadata.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeInfo {
     /// Name from volumes.json; `None` for a device found only in the metadata.
     pub name: Option<String>,
     /// dm-thin device id.
-    #[serde(serialize_with = "ser_dev")]
+    #[serde(serialize_with = "ser_dev", deserialize_with = "de_dev")]
     pub dev_id: DevId,
     /// Virtual size in bytes (`None` when the device has no name: dm-thin keeps no sizes).
     pub size: Option<u64>,
@@ -38,8 +38,13 @@ fn ser_dev<S: serde::Serializer>(d: &DevId, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_u32(d.0)
 }
 
+// Deserialize: `uthin serve` sends these over its control socket (src/daemon).
+fn de_dev<'de, D: serde::Deserializer<'de>>(d: D) -> Result<DevId, D::Error> {
+    u32::deserialize(d).map(DevId)
+}
+
 /// A volume's blocks split as `thin_ls` does: exclusive (data block count 1) and shared.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Usage {
     /// Mapped blocks found by walking the tree.
     pub mapped_blocks: u64,
@@ -50,7 +55,7 @@ pub struct Usage {
 }
 
 /// Pool-wide figures, what `docker info` and `dmsetup status` show.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PoolStatus {
     /// Data block size in bytes.
     pub block_size: u64,

@@ -222,6 +222,8 @@ pub trait Target: Sync {
     /// Client connections the server has open now. (A target in another process can count
     /// the ESTABLISHED sockets on its port.)
     fn connections(&self) -> usize;
+    /// The description `nbdinfo --list` shows for an export made by `create_export`.
+    fn description(&self, name: &str) -> String;
 }
 
 impl Target for InProcessServer {
@@ -240,11 +242,14 @@ impl Target for InProcessServer {
     fn connections(&self) -> usize {
         self.server.connections()
     }
+
+    fn description(&self, name: &str) -> String {
+        format!("test export {name}")
+    }
 }
 
-/// The server the client tests run against: today the in-process server over `TestDevice`
-/// exports. To run the same tests against `uthin serve`, return a `Target` that starts it on
-/// a temporary pool (and creates exports with `uthin create`).
+/// The in-process server over `TestDevice` exports, as a target. (`tests/serve_support` has
+/// the other target: `uthin serve` on a temporary pool.)
 pub fn target() -> impl Target {
     InProcessServer::start()
 }

@@ -1,0 +1,478 @@
+//! The volume layer against a plain file through the same data engine (issue 5).
+//!
+//! Both sides use one `DataFile` engine, 2 tokio workers, queue depth 32 (32 tasks with one
+//! request each in flight), buffered I/O. The plain side addresses a 4 GiB file directly (a
+//! request is one vectored syscall, as a plain file through this engine would do it); the
+//! volume side is a 4 GiB thin volume of a real pool (dm-thin metadata in `DIR/metadata`, data
+//! blocks of 64 KiB in `DIR/data`) through `Volume`: splitting, mapping cache, in-flight
+//! table, allocation, copy-on-write, B-tree lookups and inserts. Each round builds fresh files
+//! and runs plain and volume back to back for each workload:
+//!
+//! - fresh-4k: `--ops` 4 KiB writes, each to a block never written before (allocate on demand);
+//! - overwrite-4k / read-4k: random 4 KiB in those blocks, `--secs` each;
+//! - seqwrite-1m / seqread-1m: the whole 4 GiB in 1 MiB requests;
+//! - cow-4k: after a snapshot, `--cow-ops` 4 KiB writes each to a different shared block (the
+//!   plain side overwrites the same offsets). The default is every block of the volume once,
+//!   so the metadata side (shadowing shared leaves, which takes a reference on every block in
+//!   them) is paid in full, as a workload that rewrites a whole snapshot pays it;
+//! - commit: the latency of a flush issued every 50 ms during `--secs` of more fresh 4 KiB
+//!   writes (volume only; not part of the timed fresh-4k runs), split into its phases.
+//!
+//! Before each run, `sync(2)` writes back what earlier runs left dirty (untimed).
+//!
+//! ```text
+//! cargo bench --bench volume -- [--dir DIR] [--size-gib 4] [--ops 20000] [--cow-ops N]
+//!                                [--secs 3] [--rounds 3] [--only fresh-4k,cow-4k,commit,...]
+//! ```
+
+use std::io::{IoSlice, IoSliceMut};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use uthin::data::DataFile;
+use uthin::device::BlockDevice;
+use uthin::pool::{CreateOptions, Pool};
+use uthin::units::DataBlock;
+use uthin::volume::{DEFAULT_CACHE_ENTRIES, Volume, VolumePool};
+
+const QD: usize = 32;
+const BS: u64 = 65536;
+
+/// Either side of the comparison, behind one interface.
+enum Target {
+    Plain(Arc<DataFile>),
+    Vol(Arc<Volume>),
+}
+
+impl Clone for Target {
+    fn clone(&self) -> Self {
+        match self {
+            Target::Plain(d) => Target::Plain(d.clone()),
+            Target::Vol(v) => Target::Vol(v.clone()),
+        }
+    }
+}
+
+impl Target {
+    async fn write(&self, off: u64, buf: &[u8]) {
+        match self {
+            Target::Plain(d) => d
+                .write(DataBlock(off / BS), (off % BS) as u32, &[IoSlice::new(buf)])
+                .await
+                .expect("plain write"),
+            Target::Vol(v) => v
+                .write(off, &[IoSlice::new(buf)], false)
+                .await
+                .expect("volume write"),
+        }
+    }
+
+    async fn read(&self, off: u64, buf: &mut [u8]) {
+        match self {
+            Target::Plain(d) => d
+                .read(
+                    DataBlock(off / BS),
+                    (off % BS) as u32,
+                    &mut [IoSliceMut::new(buf)],
+                )
+                .await
+                .expect("plain read"),
+            Target::Vol(v) => v
+                .read(off, &mut [IoSliceMut::new(buf)])
+                .await
+                .expect("volume read"),
+        }
+    }
+}
+
+fn xorshift(s: &mut u64) -> u64 {
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    *s
+}
+
+/// CPU time (user + system) of the whole process so far.
+fn cpu_time() -> Duration {
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::uninit();
+    // SAFETY: getrusage fills the struct the pointer points to; it lives on our stack.
+    let ok = unsafe { libc::getrusage(libc::RUSAGE_SELF, ru.as_mut_ptr()) } == 0;
+    if !ok {
+        return Duration::ZERO;
+    }
+    // SAFETY: getrusage returned 0, so it initialised the struct.
+    let ru = unsafe { ru.assume_init() };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Set by `--side plain|volume` to run one side only (profiling).
+static SIDE: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// CPU microseconds per request of the last [`drive`] (all threads of the process).
+static LAST_CPU_US: AtomicU64 = AtomicU64::new(0);
+
+/// Runs `QD` tasks; task `t` calls `op(target, t, i)` for its i-th request until `count`
+/// requests are done in total (or `secs` pass, if given). Returns requests per second.
+async fn drive<F, Fut>(target: &Target, count: Option<u64>, secs: Option<f64>, op: F) -> f64
+where
+    F: Fn(Target, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let op = Arc::new(op);
+    let next = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let cpu0 = cpu_time();
+    let deadline = secs.map(|s| start + Duration::from_secs_f64(s));
+    let mut tasks = Vec::new();
+    for _ in 0..QD {
+        let (op, next, stop, done, target) = (
+            op.clone(),
+            next.clone(),
+            stop.clone(),
+            done.clone(),
+            target.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            loop {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if count.is_some_and(|c| i >= c) {
+                    break;
+                }
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    break;
+                }
+                op(target.clone(), i).await;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("bench task");
+    }
+    let n = done.load(Ordering::Relaxed);
+    LAST_CPU_US.store(
+        ((cpu_time() - cpu0).as_secs_f64() * 1e6 / n.max(1) as f64) as u64,
+        Ordering::Relaxed,
+    );
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+struct Args {
+    dir: PathBuf,
+    size: u64,
+    ops: u64,
+    cow_ops: Option<u64>,
+    secs: f64,
+    rounds: usize,
+    /// Workloads to run (names as in WORKLOADS, plus "commit"); all when empty. Writes that
+    /// later workloads need (fresh-4k, seqwrite-1m) run anyway.
+    only: Vec<String>,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        dir: PathBuf::from("target/volume-bench"),
+        size: 4 << 30,
+        ops: 20_000,
+        cow_ops: None,
+        secs: 3.0,
+        rounds: 3,
+        only: Vec::new(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let mut val = || it.next().unwrap_or_else(|| panic!("{k} needs a value"));
+        match k.as_str() {
+            "--dir" => a.dir = PathBuf::from(val()),
+            "--size-gib" => a.size = val().parse::<u64>().expect("--size-gib N") << 30,
+            "--ops" => a.ops = val().parse().expect("--ops N"),
+            "--cow-ops" => a.cow_ops = Some(val().parse().expect("--cow-ops N")),
+            "--secs" => a.secs = val().parse().expect("--secs S"),
+            "--rounds" => a.rounds = val().parse().expect("--rounds N"),
+            "--side" => SIDE.store(if val() == "plain" { 0 } else { 1 }, Ordering::Relaxed),
+            "--only" => a.only = val().split(',').map(str::to_string).collect(),
+            _ => {}
+        }
+    }
+    a
+}
+
+fn fresh_file(path: &Path, blocks: u64) -> DataFile {
+    let _ = std::fs::remove_file(path);
+    let d = DataFile::open(path, BS as u32, true).expect("data file");
+    d.grow(blocks).expect("grow");
+    d
+}
+
+/// The i-th distinct block of a fixed random permutation-ish order (odd multiplier mod 2^k).
+fn spread(i: u64, blocks: u64) -> u64 {
+    (i.wrapping_mul(0x9E37_79B9) + 7) % blocks
+}
+
+const WORKLOADS: [&str; 6] = [
+    "fresh-4k",
+    "overwrite-4k",
+    "read-4k",
+    "seqwrite-1m",
+    "seqread-1m",
+    "cow-4k",
+];
+
+/// Resident and peak resident memory of this process, in MiB (from /proc/self/status).
+fn rss_mib() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map_or(0, |kb| kb >> 10)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Writes back every dirty page of the machine (untimed), so each run starts from the same
+/// state instead of paying for the previous run's writeback.
+fn settle() {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+}
+
+/// Runs the same workload on both sides, plain first; returns the rates.
+async fn both<F, Fut>(sides: &[Target; 2], count: Option<u64>, secs: Option<f64>, op: F) -> [f64; 2]
+where
+    F: Fn(Target, u64) -> Fut + Send + Sync + Clone + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let mut out = [0.0; 2];
+    for (s, t) in sides.iter().enumerate() {
+        let only = SIDE.load(Ordering::Relaxed);
+        if only != u64::MAX && only != s as u64 {
+            out[s] = 1.0;
+            continue;
+        }
+        settle();
+        out[s] = drive(t, count, secs, op.clone()).await;
+        eprintln!(
+            "    {}: {} µs of CPU per request",
+            ["plain", "volume"][s],
+            LAST_CPU_US.load(Ordering::Relaxed)
+        );
+    }
+    out
+}
+
+fn main() {
+    let args = parse_args();
+    std::fs::create_dir_all(&args.dir).expect("bench dir");
+    let blocks = args.size / BS;
+    let ops = args.ops.min(blocks);
+    let cow_ops = args.cow_ops.unwrap_or(blocks).min(blocks);
+    let want = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    // [workload][plain=0/volume=1] → per-round rates
+    let mut res = vec![[Vec::new(), Vec::new()]; WORKLOADS.len()];
+    let mut commit_lines: Vec<String> = Vec::new();
+    for round in 0..args.rounds {
+        // Random workloads on one file / volume, sequential and copy-on-write on another, so
+        // the sequential write finds fresh space on both sides (not blocks the random
+        // workloads placed at random).
+        let plain_rand = Target::Plain(Arc::new(fresh_file(&args.dir.join("plain-rand"), blocks)));
+        let plain_seq = Target::Plain(Arc::new(fresh_file(&args.dir.join("plain-seq"), blocks)));
+        let pool_dir = args.dir.join("pool");
+        // A fresh, fully sparse data file every round.
+        let _ = std::fs::remove_dir_all(&pool_dir);
+        let pool = Pool::create(
+            &pool_dir,
+            &CreateOptions {
+                data_size: args.size * 3,
+                block_size: BS,
+                metadata_size: None,
+                force: true,
+            },
+        )
+        .expect("pool");
+        let pool = VolumePool::open(pool, DEFAULT_CACHE_ENTRIES).expect("volume pool");
+        let vol = |name: &str| {
+            rt.block_on(pool.create_volume(name, args.size))
+                .expect("create");
+            Target::Vol(Arc::new(pool.volume(name).expect("volume")))
+        };
+        let rand = [plain_rand, vol("rand")];
+        let seq = [plain_seq, vol("seq")];
+        let buf4k = Arc::new(vec![0x5Au8; 4096]);
+        let buf1m = Arc::new(vec![0xA5u8; 1 << 20]);
+        let mut report = |w: usize, rates: [f64; 2]| {
+            let io = if w == 3 || w == 4 { 1 << 20 } else { 4096 };
+            for (side, rate) in rates.into_iter().enumerate() {
+                eprintln!(
+                    "round {round} {:>13} {:>6}: {:>9.0} IOPS {:>8.1} MiB/s",
+                    WORKLOADS[w],
+                    ["plain", "volume"][side],
+                    rate,
+                    rate * io as f64 / (1 << 20) as f64
+                );
+                res[w][side].push(rate);
+            }
+        };
+        rt.block_on(async {
+            // fresh-4k, both sides with no flush.
+            let b = buf4k.clone();
+            let r = both(&rand, Some(ops), None, move |t, i| {
+                let b = b.clone();
+                async move { t.write(spread(i, blocks) * BS + 8192, &b).await }
+            })
+            .await;
+            report(0, r);
+
+            // The cost of a commit under load: more fresh writes on the volume (other
+            // blocks), with a flush every 50 ms whose latency is recorded.
+            if let Target::Vol(v) = &rand[1]
+                && want("commit")
+            {
+                settle();
+                let before = pool.commit_stats();
+                let stop = Arc::new(AtomicBool::new(false));
+                let (fv, fstop) = (v.clone(), stop.clone());
+                let flusher = tokio::spawn(async move {
+                    let mut lat = Vec::new();
+                    while !fstop.load(Ordering::Relaxed) {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        let t0 = Instant::now();
+                        fv.flush().await.expect("flush");
+                        lat.push(t0.elapsed().as_secs_f64() * 1e3);
+                    }
+                    lat
+                });
+                let b = buf4k.clone();
+                let rate = drive(&rand[1], Some(blocks - ops), Some(args.secs), move |t, i| {
+                    let b = b.clone();
+                    async move { t.write(spread(ops + i, blocks) * BS + 8192, &b).await }
+                })
+                .await;
+                stop.store(true, Ordering::Relaxed);
+                let lat = flusher.await.expect("flusher");
+                let after = pool.commit_stats();
+                let n = (after.flushes - before.flushes).max(1) as f64;
+                let ms = |d: Duration| d.as_secs_f64() * 1e3 / n;
+                if !lat.is_empty() {
+                    commit_lines.push(format!(
+                        "round {round}: {} flushes during {rate:.0} fresh 4k writes/s: mean {:.1} ms \
+                         (data sync {:.1}, metadata {:.1}, punch {:.1}), longest {:.0} ms",
+                        lat.len(),
+                        lat.iter().sum::<f64>() / lat.len() as f64,
+                        ms(after.data_sync - before.data_sync),
+                        ms(after.metadata - before.metadata),
+                        ms(after.punch - before.punch),
+                        after.longest.as_secs_f64() * 1e3,
+                    ));
+                }
+            }
+            for (w, write) in [(1, true), (2, false)] {
+                if !want(WORKLOADS[w]) {
+                    continue;
+                }
+                let b = buf4k.clone();
+                let r = both(&rand, None, Some(args.secs), move |t, i| {
+                    let b = b.clone();
+                    async move {
+                        let mut seed = i.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1;
+                        let blk = spread(xorshift(&mut seed) % ops, blocks);
+                        let off = blk * BS + (xorshift(&mut seed) % 16) * 4096;
+                        if write {
+                            t.write(off, &b).await
+                        } else {
+                            let mut v = vec![0u8; 4096];
+                            t.read(off, &mut v).await
+                        }
+                    }
+                })
+                .await;
+                report(w, r);
+            }
+            for (w, write) in [(3, true), (4, false)] {
+                if !want(WORKLOADS[w]) && !(write && (want("seqread-1m") || want("cow-4k"))) {
+                    continue;
+                }
+                let b = buf1m.clone();
+                let r = both(&seq, Some(blocks / 16), None, move |t, i| {
+                    let b = b.clone();
+                    async move {
+                        if write {
+                            t.write(i << 20, &b).await
+                        } else {
+                            let mut v = vec![0u8; 1 << 20];
+                            t.read(i << 20, &mut v).await
+                        }
+                    }
+                })
+                .await;
+                report(w, r);
+            }
+        });
+        // cow-4k: every block of "seq" is provisioned now; snapshot it and write `cow_ops`
+        // distinct blocks once more.
+        if want("cow-4k") {
+            rt.block_on(pool.snapshot("seq", "seq-snap", false))
+                .expect("snapshot");
+            let b = buf4k.clone();
+            let r = rt.block_on(both(&seq, Some(cow_ops), None, move |t, i| {
+                let b = b.clone();
+                async move { t.write(spread(i, blocks) * BS + 4096, &b).await }
+            }));
+            report(5, r);
+        }
+        let (rss, peak) = rss_mib();
+        eprintln!(
+            "round {round}: {} mappings cached, data file {} MiB allocated, RSS {rss} MiB (peak {peak})",
+            pool.cached_mappings(),
+            pool.data().allocated_bytes().unwrap_or(0) >> 20
+        );
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+        v[v.len() / 2]
+    };
+    println!(
+        "\nmedian of {} rounds; QD{QD}; {} GiB; {} fresh and {} CoW writes per round; {} s timed runs",
+        args.rounds,
+        args.size >> 30,
+        ops,
+        cow_ops,
+        args.secs
+    );
+    println!("| workload | plain file | volume | volume / plain |");
+    println!("| --- | ---: | ---: | ---: |");
+    for (w, name) in WORKLOADS.iter().enumerate() {
+        if res[w][0].is_empty() {
+            continue;
+        }
+        let p = med(&mut res[w][0]);
+        let v = med(&mut res[w][1]);
+        let fmt = |x: f64| {
+            if w == 3 || w == 4 {
+                format!("{x:.0} MiB/s")
+            } else {
+                format!("{x:.0} IOPS")
+            }
+        };
+        println!("| {name} | {} | {} | {:.2} |", fmt(p), fmt(v), v / p);
+    }
+    println!();
+    for l in &commit_lines {
+        println!("{l}");
+    }
+}

@@ -1,0 +1,133 @@
+//! The bounded mapping cache: (device, virtual block) → data block + "owned alone", or
+//! "unmapped". It lets reads and overwrites of owned blocks go straight to the data file with
+//! no pool lock and no tree walk.
+//!
+//! Consistency rule: an entry is only ever written while the caller holds the pool lock that
+//! makes it true (the read lock for a lookup result, the write lock for a mapping change), so
+//! the cache never disagrees with the trees except in the safe direction: an entry saying
+//! "shared" may be stale after the sharer went away (a write then rechecks under the lock).
+//!
+//! Exclusivity is invalidated by snapshots without touching the entries: each entry records
+//! the device's snapshot epoch when it was filled, and an entry from an older epoch is no longer
+//! trusted to be owned alone.
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+
+use parking_lot::Mutex;
+
+use crate::units::{DataBlock, DevId, VirtBlock};
+
+const SHARDS: usize = 16;
+
+/// What the cache knows about one virtual block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cached {
+    /// Not provisioned: reads as zeros.
+    Unmapped,
+    /// Lives in `block`; `exclusive` when no other device shares it (valid only while the
+    /// device's snapshot epoch is still `epoch`).
+    Mapped {
+        block: DataBlock,
+        exclusive: bool,
+        epoch: u64,
+    },
+}
+
+type Key = (DevId, VirtBlock);
+
+/// A sharded, bounded map; see the module docs.
+pub(crate) struct MappingCache {
+    shards: Vec<Mutex<HashMap<Key, Cached>>>,
+    per_shard: usize,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl MappingCache {
+    /// A cache of at most about `capacity` entries (at least one per shard).
+    pub(crate) fn new(capacity: usize) -> MappingCache {
+        let per_shard = capacity.div_ceil(SHARDS).max(1);
+        MappingCache {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            per_shard,
+            hasher: Default::default(),
+        }
+    }
+
+    fn shard(&self, key: &Key) -> &Mutex<HashMap<Key, Cached>> {
+        // The modulo keeps the index in range.
+        &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS]
+    }
+
+    pub(crate) fn get(&self, dev: DevId, v: VirtBlock) -> Option<Cached> {
+        self.shard(&(dev, v)).lock().get(&(dev, v)).copied()
+    }
+
+    /// Records what the caller just learned under the pool lock.
+    pub(crate) fn put(&self, dev: DevId, v: VirtBlock, c: Cached) {
+        let mut s = self.shard(&(dev, v)).lock();
+        if s.len() >= self.per_shard && !s.contains_key(&(dev, v)) {
+            // Evict an arbitrary eighth of the shard (hash order is effectively random),
+            // so the cost of eviction is amortised over many inserts.
+            let n = (self.per_shard / 8).max(1);
+            let victims: Vec<Key> = s.keys().take(n).copied().collect();
+            for k in victims {
+                s.remove(&k);
+            }
+        }
+        s.insert((dev, v), c);
+    }
+
+    /// Forgets `[begin, end)` of `dev`.
+    pub(crate) fn forget_range(&self, dev: DevId, begin: VirtBlock, end: VirtBlock) {
+        let n = end.0.saturating_sub(begin.0);
+        if n as usize <= self.per_shard * SHARDS {
+            for v in begin.0..end.0 {
+                self.shard(&(dev, VirtBlock(v)))
+                    .lock()
+                    .remove(&(dev, VirtBlock(v)));
+            }
+        } else {
+            for s in &self.shards {
+                s.lock()
+                    .retain(|(d, v), _| *d != dev || v.0 < begin.0 || v.0 >= end.0);
+            }
+        }
+    }
+
+    /// Forgets every entry of `dev` (deleted: its id may be reused).
+    pub(crate) fn forget_device(&self, dev: DevId) {
+        for s in &self.shards {
+            s.lock().retain(|(d, _), _| *d != dev);
+        }
+    }
+
+    /// Number of entries (tests, memory figures).
+    pub(crate) fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_and_forgets() {
+        let c = MappingCache::new(160);
+        for v in 0..10_000 {
+            c.put(DevId(1), VirtBlock(v), Cached::Unmapped);
+        }
+        assert!(c.len() <= 160, "{} entries", c.len());
+        c.put(DevId(2), VirtBlock(5), Cached::Unmapped);
+        c.put(DevId(2), VirtBlock(6), Cached::Unmapped);
+        c.forget_range(DevId(2), VirtBlock(5), VirtBlock(6));
+        assert_eq!(c.get(DevId(2), VirtBlock(5)), None);
+        assert_eq!(c.get(DevId(2), VirtBlock(6)), Some(Cached::Unmapped));
+        c.forget_range(DevId(2), VirtBlock(0), VirtBlock(1 << 40));
+        assert_eq!(c.get(DevId(2), VirtBlock(6)), None);
+        c.put(DevId(3), VirtBlock(1), Cached::Unmapped);
+        c.forget_device(DevId(3));
+        assert_eq!(c.get(DevId(3), VirtBlock(1)), None);
+    }
+}
