@@ -6,7 +6,7 @@
 //! volume side is a 4 GiB thin volume of a real pool (dm-thin metadata in `DIR/metadata`, data
 //! blocks of 64 KiB in `DIR/data`) through `Volume`: splitting, mapping cache, in-flight
 //! table, allocation, copy-on-write, B-tree lookups and inserts. Each round builds fresh files
-//! and runs plain and volume back to back for each workload:
+//! and runs plain and volume back to back for each workload (which goes first alternates):
 //!
 //! - fresh-4k: `--ops` 4 KiB writes, each to a block never written before (allocate on demand);
 //! - overwrite-4k / read-4k: random 4 KiB in those blocks, `--secs` each;
@@ -110,6 +110,9 @@ fn cpu_time() -> Duration {
 
 /// Set by `--side plain|volume` to run one side only (profiling).
 static SIDE: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// Which side [`both`] runs first next time (alternates).
+static FLIP: AtomicU64 = AtomicU64::new(0);
 
 /// CPU microseconds per request of the last [`drive`] (all threads of the process).
 static LAST_CPU_US: AtomicU64 = AtomicU64::new(0);
@@ -254,7 +257,15 @@ where
     Fut: std::future::Future<Output = ()> + Send,
 {
     let mut out = [0.0; 2];
-    for (s, t) in sides.iter().enumerate() {
+    // Alternate which side goes first from one run to the next, so a machine that gets busier
+    // or quieter during a round does not favour one side.
+    let order = if FLIP.fetch_xor(1, Ordering::Relaxed) == 0 {
+        [0, 1]
+    } else {
+        [1, 0]
+    };
+    for s in order {
+        let t = &sides[s];
         let only = SIDE.load(Ordering::Relaxed);
         if only != u64::MAX && only != s as u64 {
             out[s] = 1.0;
