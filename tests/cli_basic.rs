@@ -171,7 +171,21 @@ fn errors_name_the_thing_and_exit_1() {
         "power of two",
     );
     fails(&pool, &["pool", "grow", "--data-size", "10M"], 1, "shrink");
-    fails(&pool, &["serve"], 1, "not available");
+    // serve refuses to start (exit 1, naming the argument) rather than serve half of what was asked.
+    let vhost_sock = format!("missing={}", pool.with_file_name("v.sock").display());
+    let nbd_sock = format!("unix:{}", pool.with_file_name("n.sock").display());
+    fails(
+        &pool,
+        &["serve", "--nbd", &nbd_sock, "--vhost-user", &vhost_sock],
+        1,
+        "no volume named `missing`",
+    );
+    fails(
+        &pool,
+        &["serve", "--nbd", "127.0.0.1:notaport"],
+        2,
+        "127.0.0.1:notaport",
+    );
     let nowhere = pool.with_file_name("nowhere");
     fails(&nowhere, &["list"], 1, "no pool");
     // --force really recreates.
