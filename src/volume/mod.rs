@@ -54,6 +54,10 @@ use inflight::InFlight;
 use pieces::{Piece, Run, coalesce, pieces, single_piece, split, split_mut};
 use sharing::LessShared;
 
+/// Lock-free data syncs a commit makes at most before the one it makes under the pool's write
+/// lock (see `Shared::commit_now`).
+const LOCK_FREE_SYNC_PASSES: usize = 3;
+
 /// Default bound of the mapping cache, in entries (about 64 bytes each with the map's
 /// overhead): 256 Ki entries cover 16 GiB of 64 KiB blocks in about 16 MiB.
 pub const DEFAULT_CACHE_ENTRIES: usize = 256 * 1024;
@@ -692,9 +696,22 @@ impl Shared {
     /// One commit; the caller holds `commit_turn`.
     async fn commit_now(self: &Arc<Self>) -> DevResult<()> {
         let start = Instant::now();
-        let inserts_before = self.inserts.load(Ordering::SeqCst);
-        // The bulk of the data, with no lock held.
+        // The bulk of the data, with no lock held. A mapping inserted during a sync may have
+        // written its data after the sync started, so the last sync before the pool's commit
+        // must begin after the last insert: that one runs under the write lock, where it stalls
+        // every allocating write. Under a steady write load inserts never pause, so a few more
+        // lock-free passes shrink what is left for it (each pass syncs only what was written
+        // during the one before). `inserts_before` is always read before the sync it covers.
+        let mut inserts_before = self.inserts.load(Ordering::SeqCst);
         self.data.sync().await.map_err(io_err)?;
+        for _ in 1..LOCK_FREE_SYNC_PASSES {
+            let now = self.inserts.load(Ordering::SeqCst);
+            if now == inserts_before {
+                break;
+            }
+            inserts_before = now;
+            self.data.sync().await.map_err(io_err)?;
+        }
         let synced = Instant::now();
         let dirty = self.dirty.load(Ordering::SeqCst);
         let mut committed_at = synced;
