@@ -1,0 +1,140 @@
+//! The data path with `DIR/data` on a block device (a loop device whose every byte starts as
+//! 0xA5): a block device has no holes to detect, so every fresh block and every reused block
+//! must read as zeros around a partial write, freed blocks are zeroed (BLKZEROOUT) instead of
+//! punched, and the pool stays check-clean.
+
+mod volume_common;
+
+use std::io::{IoSlice, IoSliceMut};
+use std::process::Command;
+
+use uthin::device::BlockDevice;
+use uthin::pool::Pool;
+use uthin::volume::{Volume, VolumePool};
+use volume_common::{BS, create_opts, pattern, runtime, thin_check, uthin_check_volumes};
+
+/// Data blocks of the pool: two volumes of half each fill it exactly.
+const DATA_BLOCKS: u64 = 128;
+const HALF: u64 = DATA_BLOCKS / 2;
+const GARBAGE: u8 = 0xA5;
+
+/// A loop device, detached on drop.
+struct Loop(String);
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
+fn attach(image: &std::path::Path) -> Loop {
+    let out = Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(image)
+        .output()
+        .expect("losetup runs");
+    assert!(
+        out.status.success(),
+        "this test needs root and loop devices: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Loop(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+async fn read_block(v: &Volume, vblock: u64) -> Vec<u8> {
+    let mut b = vec![0xEEu8; BS as usize];
+    v.read(vblock * BS, &mut [IoSliceMut::new(&mut b)])
+        .await
+        .unwrap();
+    b
+}
+
+/// Block `vblock` holds `data` at `at` and zeros everywhere else.
+async fn assert_only(v: &Volume, vblock: u64, at: usize, data: &[u8], what: &str) {
+    let b = read_block(v, vblock).await;
+    assert_eq!(
+        &b[at..at + data.len()],
+        data,
+        "{what}: block {vblock} lost its write"
+    );
+    let outside = |i: usize| i < at || i >= at + data.len();
+    let stray = (0..b.len()).find(|&i| outside(i) && b[i] != 0);
+    assert!(
+        stray.is_none(),
+        "{what}: block {vblock} has {:#x} at byte {} outside its write",
+        stray.map_or(0, |i| b[i]),
+        stray.unwrap_or(0)
+    );
+}
+
+#[test]
+fn fresh_and_reused_blocks_on_a_block_device_read_as_zeros() {
+    let tmp = tempfile::tempdir().unwrap();
+    let image = tmp.path().join("data.img");
+    std::fs::write(&image, vec![GARBAGE; (DATA_BLOCKS * BS) as usize]).unwrap();
+    let dev = attach(&image);
+    let dir = tmp.path().join("pool");
+    std::fs::create_dir(&dir).unwrap();
+    std::os::unix::fs::symlink(&dev.0, dir.join("data")).unwrap();
+
+    let pool = Pool::create(&dir, &create_opts(DATA_BLOCKS, 2 << 20)).unwrap();
+    let vp = VolumePool::open(pool, 1024).unwrap();
+    let rt = runtime();
+    rt.block_on(async {
+        vp.create_volume("a", HALF * BS).await.unwrap();
+        vp.create_volume("b", HALF * BS).await.unwrap();
+        let a = vp.volume("a").unwrap();
+        let b = vp.volume("b").unwrap();
+
+        // Unmapped: zeros, whatever the device holds.
+        assert!(read_block(&a, 0).await.iter().all(|&x| x == 0));
+
+        // A partial write into a fresh block: the rest of the block is zeros, not 0xA5.
+        let small = pattern(1, 512);
+        a.write(3 * BS + 1000, &[IoSlice::new(&small)], false)
+            .await
+            .unwrap();
+        assert_only(&a, 3, 1000, &small, "fresh block").await;
+
+        // Whole blocks, then discard them (and the partial one) and commit: their data blocks
+        // go back to the pool, zeroed on the device.
+        let whole = pattern(2, 5 * BS);
+        a.write(4 * BS, &[IoSlice::new(&whole)], true)
+            .await
+            .unwrap();
+        a.discard(3 * BS, 6 * BS).await.unwrap();
+        a.flush().await.unwrap();
+        for v in 3..9 {
+            assert!(
+                read_block(&a, v).await.iter().all(|&x| x == 0),
+                "discarded block {v} reads as zeros"
+            );
+        }
+
+        // Fill the pool with partial writes: every data block is used, so the freed ones
+        // (which held pattern 2) are reused as well as never-used ones (0xA5).
+        for v in 0..HALF {
+            let at = (v as usize * 4096) % (BS as usize - 512);
+            let data = pattern(100 + v, 512);
+            a.write(v * BS + at as u64, &[IoSlice::new(&data)], false)
+                .await
+                .unwrap();
+            let data_b = pattern(1000 + v, 512);
+            b.write(v * BS + at as u64, &[IoSlice::new(&data_b)], false)
+                .await
+                .unwrap();
+        }
+        a.flush().await.unwrap();
+        assert_eq!(vp.pool().status().unwrap().data_used_blocks, DATA_BLOCKS);
+        for v in 0..HALF {
+            let at = (v as usize * 4096) % (BS as usize - 512);
+            assert_only(&a, v, at, &pattern(100 + v, 512), "a, pool full").await;
+            assert_only(&b, v, at, &pattern(1000 + v, 512), "b, pool full").await;
+        }
+
+        uthin_check_volumes(&vp).unwrap();
+    });
+    drop(vp);
+    thin_check(&dir.join("metadata")).unwrap();
+    drop(dev);
+}
