@@ -3,26 +3,10 @@
 
 mod pool_common;
 
+use pool_common::{text, uthin};
+
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn uthin(pool: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_uthin"))
-        .arg("--pool")
-        .arg(pool)
-        .args(args)
-        .env_remove("UTHIN_POOL")
-        .output()
-        .expect("uthin runs")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use std::process::Command;
 
 fn ok(pool: &Path, args: &[&str]) -> String {
     let o = uthin(pool, args);

@@ -39,14 +39,7 @@ const MIB: u64 = 1 << 20;
 const LIMIT: Duration = Duration::from_secs(120);
 
 fn qemu_io(uri: &str, commands: &[&str]) -> Output {
-    require_tool("qemu-io", "qemu-utils");
-    let mut args = vec!["-f", "raw"];
-    for c in commands {
-        args.push("-c");
-        args.push(c);
-    }
-    args.push(uri);
-    let out = run("qemu-io", &args, LIMIT);
+    let out = nbd_support::qemu_io(uri, commands, LIMIT);
     assert!(
         !out.stdout.contains("failed") && !out.stderr.contains("failed"),
         "qemu-io reported a failure:\n{}\n{}",

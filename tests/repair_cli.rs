@@ -6,31 +6,14 @@ mod repair_common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use repair_common::{
-    corrupt, device_nodes, parse_node, read_block, superblock_roots, thin_check, thin_dump,
+    Loop, corrupt, device_nodes, parse_node, read_block, superblock_roots, text, thin_check,
+    thin_dump, uthin,
 };
 use uthin::pool::{CreateOptions, Pool};
 use uthin::units::{DevId, VirtBlock};
-
-fn uthin(pool: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_uthin"))
-        .arg("--pool")
-        .arg(pool)
-        .args(args)
-        .env_remove("UTHIN_POOL")
-        .output()
-        .expect("uthin runs")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 fn run(pool: &Path, args: &[&str], code: i32) -> String {
     let o = uthin(pool, args);
@@ -267,32 +250,13 @@ fn metadata_behind_a_symlink_stays_there() {
     thin_check(&real).unwrap();
 }
 
-/// A loop device detached on drop.
-struct Loop(String);
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn metadata_on_a_block_device_is_copied_aside_and_overwritten() {
     let tmp = tempfile::tempdir().unwrap();
     let pool = small_pool(tmp.path());
     let image = tmp.path().join("meta.img");
     std::fs::copy(pool.join("metadata"), &image).unwrap();
-    let out = Command::new("losetup")
-        .args(["--find", "--show"])
-        .arg(&image)
-        .output()
-        .expect("losetup runs");
-    assert!(
-        out.status.success(),
-        "this test needs root and loop devices: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let dev = Loop(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    let dev = Loop::attach(&image);
     std::fs::remove_file(pool.join("metadata")).unwrap();
     std::os::unix::fs::symlink(&dev.0, pool.join("metadata")).unwrap();
     let original = thin_dump(Path::new(&dev.0));

@@ -29,14 +29,7 @@ const LIMIT: Duration = Duration::from_secs(120);
 
 /// qemu-io's combined output (it exits 0 even when a command fails, so callers look at it).
 fn qemu_io(uri: &str, commands: &[&str]) -> String {
-    require_tool("qemu-io", "qemu-utils");
-    let mut args = vec!["-f", "raw"];
-    for c in commands {
-        args.push("-c");
-        args.push(c);
-    }
-    args.push(uri);
-    let out = run("qemu-io", &args, LIMIT);
+    let out = nbd_support::qemu_io(uri, commands, LIMIT);
     format!("{}{}", out.stdout, out.stderr)
 }
 

@@ -6,40 +6,16 @@
 mod volume_common;
 
 use std::io::{IoSlice, IoSliceMut};
-use std::process::Command;
 
 use uthin::device::BlockDevice;
 use uthin::pool::Pool;
 use uthin::volume::{Volume, VolumePool};
-use volume_common::{BS, create_opts, pattern, runtime, thin_check, uthin_check_volumes};
+use volume_common::{BS, Loop, create_opts, pattern, runtime, thin_check, uthin_check_volumes};
 
 /// Data blocks of the pool: two volumes of half each fill it exactly.
 const DATA_BLOCKS: u64 = 128;
 const HALF: u64 = DATA_BLOCKS / 2;
 const GARBAGE: u8 = 0xA5;
-
-/// A loop device, detached on drop.
-struct Loop(String);
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
-    }
-}
-
-fn attach(image: &std::path::Path) -> Loop {
-    let out = Command::new("losetup")
-        .args(["--find", "--show"])
-        .arg(image)
-        .output()
-        .expect("losetup runs");
-    assert!(
-        out.status.success(),
-        "this test needs root and loop devices: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Loop(String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
 
 async fn read_block(v: &Volume, vblock: u64) -> Vec<u8> {
     let mut b = vec![0xEEu8; BS as usize];
@@ -72,7 +48,7 @@ fn fresh_and_reused_blocks_on_a_block_device_read_as_zeros() {
     let tmp = tempfile::tempdir().unwrap();
     let image = tmp.path().join("data.img");
     std::fs::write(&image, vec![GARBAGE; (DATA_BLOCKS * BS) as usize]).unwrap();
-    let dev = attach(&image);
+    let dev = Loop::attach(&image);
     let dir = tmp.path().join("pool");
     std::fs::create_dir(&dir).unwrap();
     std::os::unix::fs::symlink(&dev.0, dir.join("data")).unwrap();

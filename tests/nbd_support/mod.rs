@@ -291,6 +291,19 @@ impl Output {
     }
 }
 
+/// Runs `qemu-io -f raw -c C1 -c C2 ... URI` (within `limit`). qemu-io exits 0 even when a
+/// command fails, so callers look at its output.
+pub fn qemu_io(uri: &str, commands: &[&str], limit: Duration) -> Output {
+    require_tool("qemu-io", "qemu-utils");
+    let mut args = vec!["-f", "raw"];
+    for c in commands {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(uri);
+    run("qemu-io", &args, limit)
+}
+
 /// Runs `program args...` with a time limit, capturing its output.
 pub fn run(program: &str, args: &[&str], limit: Duration) -> Output {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -1,12 +1,33 @@
-//! Helpers shared by the pool and CLI tests: running thin-provisioning-tools on a metadata
-//! image and reading its view of the pool.
+//! Helpers shared by the pool, CLI, volume and repair tests (`volume_common` and
+//! `repair_common` re-export them): running thin-provisioning-tools on a metadata image and
+//! reading its view of the pool, and loop devices for the block-device tests.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Output};
 
 use uthin::tools::xml::{XmlSuperblock, parse_xml};
+
+/// Runs the built `uthin` binary on the pool in `pool` (with `$UTHIN_POOL` unset).
+pub fn uthin(pool: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_uthin"))
+        .arg("--pool")
+        .arg(pool)
+        .args(args)
+        .env_remove("UTHIN_POOL")
+        .output()
+        .expect("uthin runs")
+}
+
+/// A command's stdout followed by its stderr.
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
 
 /// Runs `thin_check` on a metadata file; Err carries its output.
 pub fn thin_check(metadata: &Path) -> Result<(), String> {
@@ -27,6 +48,41 @@ pub fn thin_check(metadata: &Path) -> Result<(), String> {
     }
 }
 
+/// Runs `thin_check` on a metadata image held in memory (written to a temporary file).
+pub fn thin_check_bytes(image: &[u8]) -> Result<(), String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let path = dir.path().join("metadata");
+    std::fs::write(&path, image).map_err(|e| e.to_string())?;
+    thin_check(&path)
+}
+
+/// A loop device over a file, detached on drop. The tests that use one need root and loop
+/// devices, and say so when they are missing.
+pub struct Loop(pub String);
+
+impl Loop {
+    /// Attaches `image` to the first free loop device.
+    pub fn attach(image: &Path) -> Loop {
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(image)
+            .output()
+            .expect("losetup runs");
+        assert!(
+            out.status.success(),
+            "this test needs root and loop devices: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Loop(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
 /// Runs `thin_dump` on a metadata file and parses its XML.
 pub fn thin_dump(metadata: &Path) -> XmlSuperblock {
     let out = Command::new("thin_dump")
@@ -35,7 +91,8 @@ pub fn thin_dump(metadata: &Path) -> XmlSuperblock {
         .expect("thin_dump runs");
     assert!(
         out.status.success(),
-        "thin_dump failed: {}",
+        "thin_dump {} failed: {}",
+        metadata.display(),
         String::from_utf8_lossy(&out.stderr)
     );
     parse_xml(&String::from_utf8_lossy(&out.stdout)).expect("thin_dump's XML parses")

@@ -3,6 +3,11 @@
 //! each node: the oracle of what a corrupted block held), corruption, and the expected result.
 #![allow(dead_code)]
 
+#[path = "../pool_common/mod.rs"]
+mod pool_common;
+#[allow(unused_imports)] // each test binary uses a different subset
+pub use pool_common::{Loop, text, thin_check, thin_dump, uthin};
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -300,37 +305,6 @@ pub fn rewrite_sealed(metadata: &Path, b: u64, xor: u32, edit: impl FnOnce(&mut 
 
 // ------------------------------------------------------------------------------------------
 // thin-provisioning-tools
-
-/// thin_dump of a metadata file, parsed.
-pub fn thin_dump(metadata: &Path) -> XmlSuperblock {
-    let out = Command::new("thin_dump")
-        .arg(metadata)
-        .output()
-        .expect("thin_dump runs");
-    assert!(
-        out.status.success(),
-        "thin_dump {}: {}",
-        metadata.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    parse_xml(&String::from_utf8_lossy(&out.stdout)).unwrap()
-}
-
-pub fn thin_check(metadata: &Path) -> Result<(), String> {
-    let out = Command::new("thin_check")
-        .arg(metadata)
-        .output()
-        .expect("thin_check runs");
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
 
 /// thin_repair 0.9 of `damaged` into a fresh file: its dump, or its error. The output gets 8×
 /// the input's size: thin_repair writes every snapshot's tree separately and its leaves half

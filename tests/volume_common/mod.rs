@@ -1,9 +1,11 @@
 //! Helpers shared by the volume tests: pools in temporary directories, thin-provisioning-tools'
-//! `thin_check` on a metadata image, and write patterns that show misplaced data.
+//! `thin_check` (from `pool_common`), and write patterns that show misplaced data.
 #![allow(dead_code)]
 
-use std::path::Path;
-use std::process::Command;
+#[path = "../pool_common/mod.rs"]
+mod pool_common;
+#[allow(unused_imports)] // each test binary uses a different subset
+pub use pool_common::{Loop, thin_check, thin_check_bytes};
 
 use uthin::pool::{CreateOptions, Pool};
 use uthin::tools::check::check_live;
@@ -52,31 +54,4 @@ pub fn uthin_check(pool: &Pool) -> Result<(), String> {
 /// `uthin check` of a volume pool (flush first: the check reads the committed trees too).
 pub fn uthin_check_volumes(vp: &VolumePool) -> Result<(), String> {
     uthin_check(&vp.pool())
-}
-
-/// Runs `thin_check` on a metadata file; Err carries its output.
-pub fn thin_check(metadata: &Path) -> Result<(), String> {
-    let out = Command::new("thin_check")
-        .arg(metadata)
-        .output()
-        .map_err(|e| format!("cannot run thin_check: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "thin_check {} failed ({}):\n{}{}",
-            metadata.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
-/// Runs `thin_check` on a metadata image held in memory (written to a temporary file).
-pub fn thin_check_bytes(image: &[u8]) -> Result<(), String> {
-    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let path = dir.path().join("metadata");
-    std::fs::write(&path, image).map_err(|e| e.to_string())?;
-    thin_check(&path)
 }
