@@ -18,8 +18,9 @@
 //!   together and come out consecutive, so its pieces still coalesce.
 //! - Writes that must provision or copy hold the in-flight slots of their blocks; writes to
 //!   different blocks never wait for each other (invariant 9).
-//! - **Flush / FUA**: group commit. fdatasync(data) without any lock, then under the write lock
-//!   a second fdatasync only if a mapping was inserted meanwhile, the pool's commit, and
+//! - **Flush / FUA**: group commit. fdatasync(data) without any lock (up to three passes while
+//!   mappings keep being inserted), then under the write lock one more fdatasync only if a
+//!   mapping was inserted after the last pass began, the pool's commit, and
 //!   then — after every I/O that might still use them has finished — the freed blocks are
 //!   punched and given back to the allocator (invariant 2).
 //! - **Snapshots, creates, deletes, growth** go through [`VolumePool`]'s methods (or
@@ -55,7 +56,7 @@ use pieces::{Piece, Run, coalesce, pieces, single_piece, split, split_mut};
 use sharing::LessShared;
 
 /// Lock-free data syncs a commit makes at most before the one it makes under the pool's write
-/// lock (see `Shared::commit_now`).
+/// lock (see `Shared::sync_data_unlocked`).
 const LOCK_FREE_SYNC_PASSES: usize = 3;
 
 /// Default bound of the mapping cache, in entries (about 64 bytes each with the map's
@@ -693,25 +694,43 @@ impl Shared {
         r
     }
 
+    /// Syncs the data file with no lock held, as far as that can go; returns the insert count
+    /// the last sync covers. A mapping inserted during a sync may have written its data after
+    /// the sync started, so if the count has moved by the time the caller holds the pool's
+    /// write lock, it syncs once more there — where that sync stalls every allocating write.
+    /// Under a steady write load inserts never pause, so up to [`LOCK_FREE_SYNC_PASSES`]
+    /// passes shrink what is left for it (each syncs only what was written during the one
+    /// before). The count is always read before the sync that covers it.
+    async fn sync_data_unlocked(&self) -> std::io::Result<u64> {
+        let mut covered = self.inserts.load(Ordering::SeqCst);
+        self.data.sync().await?;
+        for _ in 1..LOCK_FREE_SYNC_PASSES {
+            let now = self.inserts.load(Ordering::SeqCst);
+            if now == covered {
+                break;
+            }
+            covered = now;
+            self.data.sync().await?;
+        }
+        Ok(covered)
+    }
+
+    /// The second half of [`sync_data_unlocked`](Shared::sync_data_unlocked), called with the
+    /// pool's write lock held (no insert can happen now): syncs again if a mapping was
+    /// inserted after the last lock-free sync began, since its data may have been written
+    /// after that sync started.
+    fn sync_data_locked(&self, covered: u64) -> std::io::Result<()> {
+        if self.inserts.load(Ordering::SeqCst) != covered {
+            self.data.sync_blocking()?;
+        }
+        Ok(())
+    }
+
     /// One commit; the caller holds `commit_turn`.
     async fn commit_now(self: &Arc<Self>) -> DevResult<()> {
         let start = Instant::now();
-        // The bulk of the data, with no lock held. A mapping inserted during a sync may have
-        // written its data after the sync started, so the last sync before the pool's commit
-        // must begin after the last insert: that one runs under the write lock, where it stalls
-        // every allocating write. Under a steady write load inserts never pause, so a few more
-        // lock-free passes shrink what is left for it (each pass syncs only what was written
-        // during the one before). `inserts_before` is always read before the sync it covers.
-        let mut inserts_before = self.inserts.load(Ordering::SeqCst);
-        self.data.sync().await.map_err(io_err)?;
-        for _ in 1..LOCK_FREE_SYNC_PASSES {
-            let now = self.inserts.load(Ordering::SeqCst);
-            if now == inserts_before {
-                break;
-            }
-            inserts_before = now;
-            self.data.sync().await.map_err(io_err)?;
-        }
+        // The bulk of the data, with no lock held.
+        let inserts_before = self.sync_data_unlocked().await.map_err(io_err)?;
         let synced = Instant::now();
         let dirty = self.dirty.load(Ordering::SeqCst);
         let mut committed_at = synced;
@@ -719,11 +738,7 @@ impl Shared {
             let me = self.clone();
             let freed = tokio::task::spawn_blocking(move || -> DevResult<Vec<DataBlock>> {
                 let mut pool = me.pool.write();
-                if me.inserts.load(Ordering::SeqCst) != inserts_before {
-                    // Mappings inserted after the first sync started: their data was written
-                    // before the insert, but maybe after that sync. No insert can happen now.
-                    me.data.sync_blocking().map_err(io_err)?;
-                }
+                me.sync_data_locked(inserts_before).map_err(io_err)?;
                 me.dirty.store(false, Ordering::SeqCst);
                 let committed = pool.commit()?;
                 me.less_shared.lock().committed();
@@ -785,18 +800,15 @@ impl Shared {
             None => None,
         };
         let _turn = self.commit_turn.lock().await;
-        let inserts_before = self.inserts.load(Ordering::SeqCst);
-        self.data
-            .sync()
+        let inserts_before = self
+            .sync_data_unlocked()
             .await
             .map_err(|e| PoolError::io("cannot sync the data file", e))?;
         let me = self.clone();
         let st = state.clone();
         let (r, freed) = tokio::task::spawn_blocking(move || {
             let mut pool = me.pool.write();
-            if me.inserts.load(Ordering::SeqCst) != inserts_before
-                && let Err(e) = me.data.sync_blocking()
-            {
+            if let Err(e) = me.sync_data_locked(inserts_before) {
                 return (
                     Err(PoolError::io("cannot sync the data file", e)),
                     Vec::new(),
