@@ -25,6 +25,9 @@
 //!                                [--secs 3] [--rounds 3] [--only fresh-4k,cow-4k,commit,...]
 //! ```
 
+mod support;
+use support::rss_mib;
+
 use std::io::{IoSlice, IoSliceMut};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -228,20 +231,6 @@ const WORKLOADS: [&str; 6] = [
     "seqread-1m",
     "cow-4k",
 ];
-
-/// Resident and peak resident memory of this process, in MiB (from /proc/self/status).
-fn rss_mib() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kb| kb.parse::<u64>().ok())
-            .map_or(0, |kb| kb >> 10)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
 
 /// Writes back every dirty page of the machine (untimed), so each run starts from the same
 /// state instead of paying for the previous run's writeback.

@@ -9,6 +9,9 @@
 //! cargo bench --bench volume_memory -- [--dir DIR] [--blocks 1048576] [--cache-entries 262144]
 //! ```
 
+mod support;
+use support::rss_mib;
+
 use std::io::{IoSlice, IoSliceMut};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,20 +24,6 @@ use uthin::volume::{DEFAULT_CACHE_ENTRIES, Volume, VolumePool};
 
 const BS: u64 = 65536;
 const QD: u64 = 32;
-
-/// Resident and peak resident memory of this process, in MiB (from /proc/self/status).
-fn rss_mib() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kb| kb.parse::<u64>().ok())
-            .map_or(0, |kb| kb >> 10)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
 
 /// Runs `op(i)` for i in 0..n on QD tasks.
 async fn run<F, Fut>(vol: &Arc<Volume>, n: u64, op: F)
