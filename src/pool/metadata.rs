@@ -408,19 +408,32 @@ impl Metadata {
         }
         .pack();
         self.tm.data_inc(DiskBlock(block.0))?;
-        let mut top = self.top();
-        let old = top.update_value(&mut self.tm, u64::from(dev.0), |tm, root| {
-            let mut tree = BlockTree::open(*root);
-            let old = tree.insert(tm, vblock.0, &value)?;
-            *root = tree.root();
-            Ok(old)
-        })?;
-        self.sb.data_mapping_root = top.root().0;
+        let old = self.insert_packed(dev, vblock, &value)?;
         let old = old.ok_or(PoolError::NoSuchDevice(dev.0))?;
         if old.is_none() {
             self.adjust_mapped(dev, 1)?;
         }
         Ok(old.map(|raw| BlockTime::unpack(raw).block))
+    }
+
+    /// Inserts a packed block-and-time value at `vblock` in `dev`'s mapping tree (shadowing
+    /// the path, updating the top-level tree's root); returns `None` when `dev` has no tree,
+    /// else the value it replaced. Reference counts are the caller's business.
+    fn insert_packed(
+        &mut self,
+        dev: DevId,
+        vblock: VirtBlock,
+        value: &u64,
+    ) -> Result<Option<Option<u64>>> {
+        let mut top = self.top();
+        let old = top.update_value(&mut self.tm, u64::from(dev.0), |tm, root| {
+            let mut tree = BlockTree::open(*root);
+            let old = tree.insert(tm, vblock.0, value)?;
+            *root = tree.root();
+            Ok(old)
+        })?;
+        self.sb.data_mapping_root = top.root().0;
+        Ok(old)
     }
 
     /// Unmaps `[begin, end)` of `dev`.
@@ -493,14 +506,7 @@ impl Metadata {
         self.changed = true;
         self.tm.data_inc(DiskBlock(bt.block.0))?;
         let value = bt.pack();
-        let mut top = self.top();
-        let old = top.update_value(&mut self.tm, u64::from(dev.0), |tm, root| {
-            let mut tree = BlockTree::open(*root);
-            let old = tree.insert(tm, vblock.0, &value)?;
-            *root = tree.root();
-            Ok(old)
-        })?;
-        self.sb.data_mapping_root = top.root().0;
+        let old = self.insert_packed(dev, vblock, &value)?;
         match old {
             None => Err(PoolError::NoSuchDevice(dev.0)),
             Some(Some(_)) => Err(PoolError::InvalidArgument(format!(
