@@ -6,7 +6,10 @@
 #   TARGET: mem        uthin's NBD server over an in-memory device (examples/nbd_mem_server):
 #                      the protocol layer alone, no pool underneath
 #           uthin      `uthin serve` on a fresh pool (needs the serve command; see below)
+#           uthin-direct  the same with `serve --cache direct` (O_DIRECT through io_uring)
 #           qemu-raw   qemu-nbd on a sparse raw file
+#           qemu-raw-direct  the same with --cache=none --aio=io_uring (O_DIRECT): the peer of
+#                      uthin-direct, whose ratios are to it (cow-randwrite: to qemu-qcow2)
 #           qemu-qcow2 qemu-nbd on a qcow2 file (64 KiB clusters)
 #   default targets: mem qemu-raw qemu-qcow2
 #   -r ROUNDS   repetitions of the whole sequence (default 3); targets are shuffled per round
@@ -27,9 +30,9 @@
 #   chain-read-64th  of the filled volume (uthin: snapshot of the snapshot; qcow2: overlay on
 #                    overlay), each layer rewriting its own 64th of the volume with 1 MiB
 #                    writes; then 4k random reads on the first layer and on the 64th
-# Cache mode: both sides use the host page cache for data (qemu-nbd's default
-# --cache=writeback; uthin's data file is buffered I/O); fio sends no flushes, so uthin commits
-# only on its 1 s timer and qemu-nbd never syncs.
+# Cache mode: uthin, qemu-raw and qemu-qcow2 use the host page cache for data (qemu-nbd's
+# default --cache=writeback; uthin's default --cache writeback); the -direct targets bypass it.
+# fio sends no flushes, so uthin commits only on its 1 s timer and qemu-nbd never syncs.
 # Results (fio JSON) are kept in DIR/results; the summary is printed at the end, with the load
 # average before each target's run.
 set -euo pipefail
@@ -110,10 +113,18 @@ start_target() {
             "$DIR/store/disk.qcow2" >"$DIR/store/server.log" 2>&1 &
         SERVER_PID=$!
         ;;
-    uthin)
+    qemu-raw-direct)
+        truncate -s "$SIZE" "$DIR/store/disk.raw"
+        qemu-nbd -f raw --cache=none --aio=io_uring -x "$EXPORT" -b 127.0.0.1 -p "$PORT" -t \
+            -e 8 --discard=unmap "$DIR/store/disk.raw" >"$DIR/store/server.log" 2>&1 &
+        SERVER_PID=$!
+        ;;
+    uthin | uthin-direct)
+        local cache=writeback
+        [ "$t" = uthin ] || cache=direct
         "$UTHIN" --pool "$DIR/store/pool" pool create --data-size 16G --block-size 64K >/dev/null
         "$UTHIN" --pool "$DIR/store/pool" create "$EXPORT" --size "$SIZE" >/dev/null
-        "$UTHIN" --pool "$DIR/store/pool" serve --nbd "127.0.0.1:$PORT" \
+        "$UTHIN" --pool "$DIR/store/pool" serve --cache "$cache" --nbd "127.0.0.1:$PORT" \
             >"$DIR/store/server.log" 2>&1 &
         SERVER_PID=$!
         ;;
@@ -155,7 +166,7 @@ cow_workload() {
         run_fio "$t" "$round" cow-randwrite "$EXPORT" --rw=randwrite --bs=4k \
             --runtime="$RUNTIME" --time_based
         ;;
-    uthin)
+    uthin | uthin-direct)
         "$UTHIN" --pool "$DIR/store/pool" snapshot "$EXPORT" "$EXPORT-snap" >/dev/null
         run_fio "$t" "$round" cow-randwrite "$EXPORT-snap" --rw=randwrite --bs=4k \
             --runtime="$RUNTIME" --time_based
@@ -171,7 +182,7 @@ chain_workload() {
     size_mib=$(($(numfmt --from=iec "$SIZE") >> 20))
     slice_mib=$((size_mib / CHAIN))
     case $t in
-    uthin)
+    uthin | uthin-direct)
         prev=$EXPORT
         for i in $(seq 1 "$CHAIN"); do
             "$UTHIN" --pool "$DIR/store/pool" snapshot "$prev" "chain$i" >/dev/null
@@ -248,7 +259,7 @@ for path in glob.glob(os.path.join(results, "*.json")):
 ref = "qemu-raw" if "qemu-raw" in targets else targets[0]
 print()
 print(f"median of rounds (4k: IOPS, 1M: MiB/s); ratio = target / {ref} "
-      f"(cow-randwrite: / qemu-qcow2)")
+      f"(uthin-direct: / qemu-raw-direct when run; cow-randwrite: / qemu-qcow2)")
 print(f"{'workload':<16}" + "".join(f"{t:>14}" for t in targets) +
       "".join(f"{t + '/ref':>16}" for t in targets if t != ref))
 for w in workloads:
@@ -257,12 +268,14 @@ for w in workloads:
     med = {t: statistics.median(data[(t, w)]) for t in targets if (t, w) in data}
     row = f"{w:<16}" + "".join(f"{med[t]:>14.0f}" if t in med else f"{'-':>14}" for t in targets)
     base = med.get("qemu-qcow2") if w == "cow-randwrite" else med.get(ref)
+    direct_base = base if w == "cow-randwrite" else med.get("qemu-raw-direct")
     if w.startswith("chain-"):
         base = None  # compared with the same target's first layer below
     for t in targets:
         if t == ref:
             continue
-        row += f"{med[t] / base:>16.2f}" if t in med and base else f"{'-':>16}"
+        b = direct_base if t == "uthin-direct" and direct_base else base
+        row += f"{med[t] / b:>16.2f}" if t in med and b else f"{'-':>16}"
     print(row)
 for t in targets:
     a, b = data.get((t, "chain-read-1st")), data.get((t, "chain-read-64th"))

@@ -6,7 +6,9 @@
 #
 # Peers (each round starts every peer on fresh, empty storage, one after the other):
 #   uthin      `uthin serve --vhost-user` on a new pool in $BENCH_DIR (when the uthin binary
-#              has `serve`); the figure issue 7 asks for
+#              has `serve`), data through the page cache (`--cache writeback`, the default)
+#   uthin-direct the same with `serve --cache direct` (O_DIRECT through io_uring): the
+#              like-for-like peer of qsd-disk, the figure issue 7 asks for
 #   vhost-null examples/vhost-serve on a device that does nothing: the vhost layer's own cost
 #   qsd-null   qemu-storage-daemon on its null-co driver: the same for QEMU's vhost layer
 #   vhost-mem  examples/vhost-serve on a MemDevice (sparse memory, copies through a buffer)
@@ -14,7 +16,7 @@
 #              (issue 7's reference)
 #   qsd-shm    qemu-storage-daemon, raw file in /dev/shm, aio=io_uring (tmpfs has no
 #              O_DIRECT): qsd's vhost layer over memory, the fair peer of vhost-mem
-# Ratios printed: uthin / qsd-disk, vhost-null / qsd-null and vhost-mem / qsd-shm. Null peers
+# Ratios printed: uthin / qsd-disk, uthin-direct / qsd-disk, vhost-null / qsd-null and vhost-mem / qsd-shm. Null peers
 # store nothing, so their data is not verified.
 #
 # Environment: BENCH_DIR (default: a directory under /var/tmp, on a real disk file system).
@@ -45,7 +47,7 @@ UTHIN=$ROOT/target/release/uthin
 if [ -z "$PEERS" ]; then
     PEERS="vhost-null qsd-null vhost-mem qsd-shm qsd-disk"
     if [ -x "$UTHIN" ] && "$UTHIN" serve --help >/dev/null 2>&1; then
-        PEERS="uthin $PEERS"
+        PEERS="uthin uthin-direct $PEERS"
     fi
 fi
 
@@ -118,11 +120,14 @@ start_peer() {
         ;;
     qsd-disk) start_qsd "$WORK/qsd.img" on ;;
     qsd-shm) start_qsd "$SHM/qsd.img" off ;;
-    uthin)
+    uthin | uthin-direct)
+        local cache=writeback
+        [ "$1" = uthin ] || cache=direct
         rm -rf "$WORK/pool" "$WORK/vol.sock"
         "$UTHIN" --pool "$WORK/pool" pool create --data-size $((2 * ${SIZE%G}))G >/dev/null
         "$UTHIN" --pool "$WORK/pool" create vol --size "$SIZE" >/dev/null
-        "$UTHIN" --pool "$WORK/pool" serve --vhost-user "vol=$WORK/vol.sock" >>"$WORK/server.log" 2>&1 &
+        "$UTHIN" --pool "$WORK/pool" serve --cache "$cache" --vhost-user "vol=$WORK/vol.sock" \
+            >>"$WORK/server.log" 2>&1 &
         SERVER_PID=$!
         wait_socket "$WORK/vol.sock"
         SOCKET=$WORK/vol.sock
@@ -175,5 +180,6 @@ ratio() { # ratio A B
     done
 }
 case " $PEERS " in *" uthin "*) case " $PEERS " in *" qsd-disk "*) ratio uthin qsd-disk ;; esac ;; esac
+case " $PEERS " in *" uthin-direct "*) case " $PEERS " in *" qsd-disk "*) ratio uthin-direct qsd-disk ;; esac ;; esac
 case " $PEERS " in *" vhost-null "*) case " $PEERS " in *" qsd-null "*) ratio vhost-null qsd-null ;; esac ;; esac
 case " $PEERS " in *" vhost-mem "*) case " $PEERS " in *" qsd-shm "*) ratio vhost-mem qsd-shm ;; esac ;; esac

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use proptest::prelude::*;
+use uthin::data::{AlignedBuf, CacheMode};
 use uthin::device::{BlockDevice, DevError, Extent};
 use uthin::pool::Pool;
 use uthin::tools::check::check_pool;
@@ -100,6 +101,7 @@ fn op() -> impl Strategy<Value = Op> {
 struct Harness {
     rt: tokio::runtime::Runtime,
     dir: PathBuf,
+    cache: CacheMode,
     pool: Option<VolumePool>,
     /// (name, handle) per live volume, parallel to `model`; no handles while closed.
     vols: Vec<(String, Option<Arc<Volume>>)>,
@@ -108,18 +110,37 @@ struct Harness {
     next_id: u64,
 }
 
-fn open_pool(dir: &Path) -> VolumePool {
+fn open_pool(dir: &Path, cache: CacheMode) -> VolumePool {
     // A tiny cache, so eviction and refills are exercised too.
-    VolumePool::open(Pool::open(dir).unwrap(), 64).unwrap()
+    let vp = VolumePool::open_with(Pool::open(dir).unwrap(), 64, cache).unwrap();
+    assert_eq!(
+        vp.data().cache_mode(),
+        cache,
+        "the storage refused O_DIRECT"
+    );
+    vp
+}
+
+/// `data` in a page-aligned buffer, so that aligned ranges can take the direct path.
+fn aligned_copy(data: &[u8]) -> AlignedBuf {
+    let mut b = AlignedBuf::zeroed(data.len());
+    b.copy_from_slice(data);
+    b
+}
+
+/// Where a buffer is cut in two: at a 512-byte boundary, so both halves stay aligned.
+fn cut_at(len: u64, parts: u64) -> usize {
+    (len / parts / 512 * 512) as usize
 }
 
 impl Harness {
-    fn new(dir: &Path) -> Harness {
-        let pool = Pool::create(dir, &create_opts(DATA_BLOCKS, META_BYTES)).unwrap();
+    fn new(dir: &Path, cache: CacheMode) -> Harness {
+        drop(Pool::create(dir, &create_opts(DATA_BLOCKS, META_BYTES)).unwrap());
         let mut h = Harness {
             rt: runtime(),
             dir: dir.to_path_buf(),
-            pool: Some(VolumePool::open(pool, 64).unwrap()),
+            cache,
+            pool: Some(open_pool(dir, cache)),
             vols: Vec::new(),
             model: Vec::new(),
             next_name: 1,
@@ -150,14 +171,13 @@ impl Harness {
     fn read(&self, i: usize, off: u64, len: u64) -> Vec<u8> {
         let vol = self.vol(i);
         // Two buffers, to exercise scatter-gather splitting.
-        let cut = (len / 3) as usize;
-        let mut a = vec![0xEEu8; cut];
-        let mut b = vec![0xEEu8; len as usize - cut];
+        let mut buf = AlignedBuf::zeroed(len as usize);
+        buf.fill(0xEE);
+        let (a, b) = buf.split_at_mut(cut_at(len, 3));
         self.rt
-            .block_on(vol.read(off, &mut [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)]))
+            .block_on(vol.read(off, &mut [IoSliceMut::new(a), IoSliceMut::new(b)]))
             .unwrap();
-        a.extend_from_slice(&b);
-        a
+        buf.to_vec()
     }
 
     fn apply(&mut self, op: &Op) -> Result<(), TestCaseError> {
@@ -165,10 +185,10 @@ impl Harness {
         match op.clone() {
             Op::Write { vol, off, len, fua } => {
                 let i = vol % n;
-                let data = pattern(self.next_id, len);
+                let data = aligned_copy(&pattern(self.next_id, len));
                 self.next_id += 1;
                 let v = self.vol(i);
-                let (x, y) = data.split_at(data.len() / 2);
+                let (x, y) = data.split_at(cut_at(len, 2));
                 self.rt
                     .block_on(v.write(off, &[IoSlice::new(x), IoSlice::new(y)], fua))
                     .unwrap();
@@ -260,7 +280,7 @@ impl Harness {
                 }
                 let mut tasks = Vec::new();
                 for &(i, off, len) in &taken {
-                    let data = pattern(self.next_id, len);
+                    let data = aligned_copy(&pattern(self.next_id, len));
                     self.next_id += 1;
                     self.model[i][off as usize..(off + len) as usize].copy_from_slice(&data);
                     let v = self.vol(i);
@@ -292,7 +312,7 @@ impl Harness {
 
     fn reopen(&mut self) {
         self.close();
-        let pool = open_pool(&self.dir);
+        let pool = open_pool(&self.dir, self.cache);
         for (name, v) in &mut self.vols {
             *v = Some(Arc::new(pool.volume(name).unwrap()));
         }
@@ -365,19 +385,37 @@ proptest! {
 
     #[test]
     fn volumes_behave_like_byte_arrays(ops in proptest::collection::vec(op(), 1..40)) {
-        let dir = tempfile::tempdir().unwrap();
-        let mut h = Harness::new(dir.path());
-        for op in &ops {
-            h.apply(op)?;
-        }
-        h.check_all()?;
-        h.reopen();
-        h.check_all()?;
-        h.close();
-        let report = check_pool(dir.path(), false).unwrap();
-        prop_assert!(report.is_clean(), "uthin check (offline): {}", report.to_text());
-        if CASES.fetch_add(1, Ordering::Relaxed) % 4 == 0 {
-            thin_check(&dir.path().join("metadata")).map_err(TestCaseError::fail)?;
-        }
+        run_case(&ops, CacheMode::Writeback)?;
     }
+
+    /// The same with `--cache direct`: every transfer O_DIRECT, unaligned ones through
+    /// bounce buffers (read-modify-write), concurrent writes into one 512-byte unit included.
+    #[test]
+    fn volumes_behave_like_byte_arrays_direct(ops in proptest::collection::vec(op(), 1..40)) {
+        run_case(&ops, CacheMode::Direct)?;
+    }
+}
+
+fn run_case(ops: &[Op], cache: CacheMode) -> Result<(), TestCaseError> {
+    // On the target directory's file system: /tmp may be a tmpfs (no O_DIRECT before
+    // Linux 6.6).
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mut h = Harness::new(dir.path(), cache);
+    for op in ops {
+        h.apply(op)?;
+    }
+    h.check_all()?;
+    h.reopen();
+    h.check_all()?;
+    h.close();
+    let report = check_pool(dir.path(), false).unwrap();
+    prop_assert!(
+        report.is_clean(),
+        "uthin check (offline): {}",
+        report.to_text()
+    );
+    if CASES.fetch_add(1, Ordering::Relaxed) % 4 == 0 {
+        thin_check(&dir.path().join("metadata")).map_err(TestCaseError::fail)?;
+    }
+    Ok(())
 }

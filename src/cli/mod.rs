@@ -16,6 +16,7 @@ use serde_json::json;
 
 use crate::daemon::control::{self, ListEntry, Reply, Request, VhostEntry};
 use crate::daemon::{DEFAULT_NUM_QUEUES, ServeOptions};
+use crate::data::CacheMode;
 use crate::nbd::ListenAddr;
 use crate::pool::size::{format_size, parse_size};
 use crate::pool::{CreateOptions, Pool, PoolError, PoolStatus, VolumeInfo};
@@ -166,6 +167,29 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = DEFAULT_NUM_QUEUES,
           value_parser = clap::value_parser!(u16).range(1..=64))]
     pub num_queues: u16,
+    /// How the data file uses the host's page cache: `writeback` (every transfer through it,
+    /// like qemu-nbd's default) or `direct` (transfers of a data block or more bypass it with
+    /// O_DIRECT, like QEMU's cache.direct=on; see docs/io-engines.md).
+    #[arg(long, value_enum, default_value_t = CacheArg::Writeback)]
+    pub cache: CacheArg,
+}
+
+/// `uthin serve --cache` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CacheArg {
+    /// Every data transfer through the page cache.
+    Writeback,
+    /// Transfers of at least one data block bypass the page cache (O_DIRECT).
+    Direct,
+}
+
+impl From<CacheArg> for CacheMode {
+    fn from(c: CacheArg) -> CacheMode {
+        match c {
+            CacheArg::Writeback => CacheMode::Writeback,
+            CacheArg::Direct => CacheMode::Direct,
+        }
+    }
 }
 
 /// `uthin vhost ...` (talks to a running `uthin serve`).
@@ -334,6 +358,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
                     nbd: args.nbd,
                     vhost: args.vhost_user,
                     num_queues: args.num_queues,
+                    cache: args.cache.into(),
                 },
             )?;
             return Ok(ExitCode::SUCCESS);

@@ -29,6 +29,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{Semaphore, watch};
 use tracing::{error, info, warn};
 
+use crate::data::CacheMode;
 use crate::nbd::{ExportError, ExportHandle, Exports, ListenAddr, Listener, Server};
 use crate::pool::size::format_size;
 use crate::pool::{CreateOptions, Pool, PoolError, VolumeInfo};
@@ -66,6 +67,8 @@ pub struct ServeOptions {
     pub vhost: Vec<(String, PathBuf)>,
     /// Request queues of each vhost-user-blk socket.
     pub num_queues: u16,
+    /// How the data file uses the host's page cache.
+    pub cache: CacheMode,
 }
 
 impl Default for ServeOptions {
@@ -74,6 +77,7 @@ impl Default for ServeOptions {
             nbd: Vec::new(),
             vhost: Vec::new(),
             num_queues: DEFAULT_NUM_QUEUES,
+            cache: CacheMode::default(),
         }
     }
 }
@@ -174,7 +178,8 @@ fn dir_missing_or_empty(dir: &Path) -> bool {
 
 async fn run(dir: &Path, opts: ServeOptions) -> Result<(), ServeError> {
     let pool = tokio::task::block_in_place(|| open_or_create(dir))?;
-    let volumes = VolumePool::open(pool, DEFAULT_CACHE_ENTRIES)?;
+    let volumes = VolumePool::open_with(pool, DEFAULT_CACHE_ENTRIES, opts.cache)?;
+    info!("data file cache mode: {:?}", volumes.data().cache_mode());
     let exports: Arc<Exports<Volume>> = Arc::new(Exports::new());
     let server = Arc::new(Server::new(Arc::clone(&exports)));
 

@@ -1,6 +1,8 @@
 //! The real data file: a regular file or a block device, read and written with positional
 //! vectored syscalls. See docs/io-engines.md for why this engine (reads inline with
-//! `RWF_NOWAIT`, everything that may block on tokio's blocking pool) won on this machine.
+//! `RWF_NOWAIT`, everything that may block on tokio's blocking pool) won on this machine, and
+//! for the [`CacheMode::Direct`] rules (which transfers bypass the page cache, and why the
+//! pages the others leave there never go stale).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, IoSliceMut};
@@ -11,6 +13,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::iov::{Iovecs, offload};
+use super::uring::Ring;
+use super::{AlignedBuf, BUF_ALIGN};
 
 /// `_IO(0x12, 127)`: BLKZEROOUT, zero a byte range of a block device (the kernel unmaps where
 /// the device guarantees zeroes, else writes zeros).
@@ -30,6 +34,148 @@ pub enum StorageKind {
     BlockDevice,
 }
 
+/// How data transfers use the host's page cache (`uthin serve --cache`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheMode {
+    /// Every transfer goes through the page cache (qemu-nbd's default `--cache=writeback`).
+    #[default]
+    Writeback,
+    /// Every transfer bypasses the page cache: `O_DIRECT` through io_uring, like QEMU's
+    /// `cache.direct=on,aio=io_uring`. Transfers not aligned for direct I/O (512 bytes on
+    /// most storage; NBD and virtio-blk requests always are) go through an aligned bounce
+    /// buffer, writes as a read-modify-write of their edge units. Nothing is mixed with
+    /// buffered I/O, which could leave stale pages in the cache (docs/io-engines.md). Falls
+    /// back to [`CacheMode::Writeback`] where the storage refuses `O_DIRECT` (some network
+    /// and FUSE file systems; tmpfs accepts it since Linux 6.6).
+    Direct,
+}
+
+/// The second descriptor of a [`CacheMode::Direct`] data file and its alignment rules.
+struct DirectIo {
+    file: Arc<File>,
+    /// Required alignment of buffer addresses (`stx_dio_mem_align`).
+    mem_align: usize,
+    /// Required alignment of file offsets and lengths (`stx_dio_offset_align`).
+    offset_align: u64,
+    /// The ring direct transfers go through; `None` (thread pool) where io_uring is refused.
+    ring: Option<Ring>,
+    /// Held by unaligned writes on their partial edge units, by unit modulo [`RMW_STRIPES`].
+    rmw: Vec<tokio::sync::Mutex<()>>,
+}
+
+impl DirectIo {
+    /// Runs an aligned transfer.
+    async fn transfer(&self, iov: Iovecs<'_>, off: u64) -> io::Result<()> {
+        match &self.ring {
+            Some(ring) => ring.transfer(fd_of(&self.file), iov, off).await,
+            None => offload(&self.file, iov, off).await,
+        }
+    }
+
+    /// True when `len` bytes at `off` from or into `bufs` need no bounce buffer.
+    fn aligned<B: std::ops::Deref<Target = [u8]>>(&self, off: u64, bufs: &[B]) -> bool {
+        off % self.offset_align == 0
+            && bufs.iter().all(|b| {
+                b.as_ptr() as usize % self.mem_align == 0 && b.len() as u64 % self.offset_align == 0
+            })
+    }
+
+    /// `[off, off + len)` widened to the direct I/O alignment.
+    fn widen(&self, off: u64, len: u64) -> (u64, u64) {
+        let a = self.offset_align;
+        let start = off / a * a;
+        (start, (off + len).div_ceil(a) * a - start)
+    }
+
+    /// Reads through `O_DIRECT`; an unaligned read reads the aligned range around it into a
+    /// bounce buffer.
+    async fn read(&self, off: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
+        let len = crate::device::iov_len(bufs);
+        if len == 0 {
+            return Ok(());
+        }
+        if self.aligned(off, bufs) {
+            return self.transfer(Iovecs::for_read(bufs), off).await;
+        }
+        let (start, wide) = self.widen(off, len);
+        let mut bounce = AlignedBuf::zeroed(wide as usize);
+        self.transfer(Iovecs::for_read(&mut [IoSliceMut::new(&mut bounce)]), start)
+            .await?;
+        let mut at = (off - start) as usize;
+        for b in bufs.iter_mut() {
+            let n = b.len();
+            b.copy_from_slice(&bounce[at..at + n]);
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// Writes through `O_DIRECT`. An unaligned write is a read-modify-write of the aligned
+    /// range around it, holding the stripe locks of its partial edge units so that two such
+    /// writes into one unit (disjoint bytes) never undo each other.
+    async fn write(&self, off: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
+        let len = crate::device::iov_len(bufs);
+        if len == 0 {
+            return Ok(());
+        }
+        if self.aligned(off, bufs) {
+            return self.transfer(Iovecs::for_write(bufs), off).await;
+        }
+        let a = self.offset_align;
+        let (start, wide) = self.widen(off, len);
+        let end = start + wide;
+        let head_partial = off % a != 0;
+        let tail_partial = (off + len) % a != 0;
+        let mut units = Vec::with_capacity(2);
+        if head_partial {
+            units.push(start / a);
+        }
+        if tail_partial {
+            units.push(end / a - 1);
+        }
+        let mut stripes: Vec<usize> = units
+            .iter()
+            .map(|u| (*u % RMW_STRIPES as u64) as usize)
+            .collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let mut held = Vec::with_capacity(stripes.len());
+        for s in stripes {
+            held.push(self.rmw[s].lock().await);
+        }
+        let mut bounce = AlignedBuf::zeroed(wide as usize);
+        let au = a as usize;
+        if head_partial {
+            self.transfer(
+                Iovecs::for_read(&mut [IoSliceMut::new(&mut bounce[..au])]),
+                start,
+            )
+            .await?;
+        }
+        if tail_partial && (!head_partial || wide > a) {
+            let t = wide as usize - au;
+            self.transfer(
+                Iovecs::for_read(&mut [IoSliceMut::new(&mut bounce[t..])]),
+                end - a,
+            )
+            .await?;
+        }
+        let mut at = (off - start) as usize;
+        for b in bufs {
+            bounce[at..at + b.len()].copy_from_slice(b);
+            at += b.len();
+        }
+        let r = self
+            .transfer(Iovecs::for_write(&[IoSlice::new(&bounce)]), start)
+            .await;
+        drop(held);
+        r
+    }
+}
+
+/// Stripe locks of unaligned direct writes (by alignment unit).
+const RMW_STRIPES: usize = 64;
+
 /// The open data file and its engine state.
 pub(crate) struct RealFile {
     file: Arc<File>,
@@ -37,6 +183,8 @@ pub(crate) struct RealFile {
     /// Cleared the first time the kernel answers `EOPNOTSUPP` to an `RWF_NOWAIT` read, so we
     /// stop trying.
     nowait_reads: AtomicBool,
+    /// Set in [`CacheMode::Direct`].
+    direct: Option<DirectIo>,
 }
 
 fn fd_of(f: &File) -> i32 {
@@ -52,7 +200,14 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
 }
 
 impl RealFile {
-    pub(crate) fn open(path: &Path, create: bool) -> io::Result<RealFile> {
+    /// Opens the file; in [`CacheMode::Direct`] also a second, `O_DIRECT` descriptor that
+    /// carries every transfer (an alignment above `block_size` disables it).
+    pub(crate) fn open(
+        path: &Path,
+        create: bool,
+        cache: CacheMode,
+        block_size: u32,
+    ) -> io::Result<RealFile> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -65,11 +220,25 @@ impl RealFile {
         } else {
             StorageKind::RegularFile
         };
+        let direct = match cache {
+            CacheMode::Writeback => None,
+            CacheMode::Direct => open_direct(path, block_size)?,
+        };
         Ok(RealFile {
             file: Arc::new(file),
             kind,
             nowait_reads: AtomicBool::new(true),
+            direct,
         })
+    }
+
+    /// The cache mode in effect (Direct may have fallen back to Writeback).
+    pub(crate) fn cache_mode(&self) -> CacheMode {
+        if self.direct.is_some() {
+            CacheMode::Direct
+        } else {
+            CacheMode::Writeback
+        }
     }
 
     pub(crate) fn kind(&self) -> StorageKind {
@@ -106,6 +275,9 @@ impl RealFile {
     }
 
     pub(crate) async fn read(&self, off: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
+        if let Some(d) = &self.direct {
+            return d.read(off, bufs).await;
+        }
         let mut iov = Iovecs::for_read(bufs);
         let mut off = off;
         if self.nowait_reads.load(Ordering::Relaxed) {
@@ -126,6 +298,9 @@ impl RealFile {
     }
 
     pub(crate) async fn write(&self, off: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
+        if let Some(d) = &self.direct {
+            return d.write(off, bufs).await;
+        }
         // Buffered writes may block on writeback or on the file system's journal, and ext4
         // refuses RWF_NOWAIT for buffered writes (EOPNOTSUPP), so they go to the pool.
         offload(&self.file, Iovecs::for_write(bufs), off).await
@@ -144,6 +319,12 @@ impl RealFile {
 
     /// Copies `len` bytes from `src` to `dst` inside the file (copy-on-write of a block).
     pub(crate) async fn copy_range(&self, src: u64, dst: u64, len: u64) -> io::Result<()> {
+        if let Some(d) = &self.direct {
+            // Through a bounce buffer: copy_file_range would go through the page cache.
+            let mut buf = AlignedBuf::zeroed(len as usize);
+            d.read(src, &mut [IoSliceMut::new(&mut buf)]).await?;
+            return d.write(dst, &[IoSlice::new(&buf)]).await;
+        }
         let file = self.file.clone();
         tokio::task::spawn_blocking(move || copy_in_file(&file, src, dst, len))
             .await
@@ -194,6 +375,86 @@ impl RealFile {
             StorageKind::BlockDevice => self.len(),
         }
     }
+}
+
+/// The `O_DIRECT` descriptor of `path` and its alignment, or `None` (with a warning) where the
+/// storage refuses direct I/O.
+fn open_direct(path: &Path, block_size: u32) -> io::Result<Option<DirectIo>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let direct = match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            tracing::warn!(
+                path = %path.display(),
+                "the data file's storage refuses O_DIRECT: serving with --cache writeback"
+            );
+            return Ok(None);
+        }
+        Err(e) => {
+            return Err(io::Error::new(
+                e.kind(),
+                format!("data file {} (O_DIRECT): {e}", path.display()),
+            ));
+        }
+    };
+    let (mem_align, offset_align) = dio_alignment(&direct).unwrap_or((4096, 4096));
+    if !(offset_align.is_power_of_two()
+        && offset_align <= u64::from(block_size)
+        && mem_align <= BUF_ALIGN)
+    {
+        tracing::warn!(
+            offset_align,
+            mem_align,
+            "direct I/O alignment larger than a data block or a page: serving with --cache writeback"
+        );
+        return Ok(None);
+    }
+    let ring = match Ring::new() {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::warn!("io_uring unavailable ({e}): direct I/O from the thread pool");
+            None
+        }
+    };
+    Ok(Some(DirectIo {
+        file: Arc::new(direct),
+        mem_align: mem_align.max(1),
+        offset_align,
+        ring,
+        rmw: (0..RMW_STRIPES)
+            .map(|_| tokio::sync::Mutex::new(()))
+            .collect(),
+    }))
+}
+
+/// `(memory, offset)` alignment that direct I/O on `file` needs, from `statx(STATX_DIOALIGN)`;
+/// `None` when the kernel or file system does not say.
+fn dio_alignment(file: &File) -> Option<(usize, u64)> {
+    // SAFETY: statx is plain data; all-zero is a valid value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: the path is a valid NUL-terminated empty string, AT_EMPTY_PATH makes statx use
+    // the descriptor, and stx is a valid statx buffer on our stack.
+    let r = unsafe {
+        libc::statx(
+            fd_of(file),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    if r != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 || stx.stx_dio_offset_align == 0 {
+        return None;
+    }
+    Some((
+        stx.stx_dio_mem_align as usize,
+        u64::from(stx.stx_dio_offset_align),
+    ))
 }
 
 /// copy_file_range inside one file, finishing short copies; falls back to read + write where

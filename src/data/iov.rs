@@ -73,17 +73,27 @@ impl<'a> Iovecs<'a> {
         }
     }
 
+    /// Direction of the transfer.
+    pub(crate) fn dir(&self) -> Dir {
+        self.dir
+    }
+
+    /// The iovecs still to transfer.
+    pub(crate) fn iovecs(&self) -> &[libc::iovec] {
+        &self.iov[self.first..]
+    }
+
     /// Bytes still to transfer.
     pub(crate) fn remaining(&self) -> usize {
         self.iov[self.first..].iter().map(|v| v.iov_len).sum()
     }
 
-    fn is_done(&self) -> bool {
+    pub(crate) fn is_done(&self) -> bool {
         self.first == self.iov.len()
     }
 
     /// Marks `n` more bytes as transferred.
-    fn advance(&mut self, mut n: usize) {
+    pub(crate) fn advance(&mut self, mut n: usize) {
         while n > 0 && self.first < self.iov.len() {
             let v = &mut self.iov[self.first];
             if n >= v.iov_len {

@@ -17,6 +17,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 
+use crate::data::AlignedBuf;
+
 /// Smallest size class: 4 KiB.
 const MIN_SHIFT: u32 = 12;
 /// Largest size class: 32 MiB, the largest request the server accepts.
@@ -25,7 +27,7 @@ const CLASSES: usize = (MAX_SHIFT - MIN_SHIFT + 1) as usize;
 
 /// A capped pool of buffers in power-of-two size classes, shared by all connections.
 pub(crate) struct BufferPool {
-    classes: [Mutex<Vec<Box<[u8]>>>; CLASSES],
+    classes: [Mutex<Vec<AlignedBuf>>; CLASSES],
     cached_bytes: AtomicUsize,
     max_cached_bytes: usize,
 }
@@ -60,10 +62,10 @@ impl BufferPool {
                         self.cached_bytes.fetch_sub(buf.len(), Ordering::Relaxed);
                         buf
                     }
-                    None => vec![0u8; 1 << (class as u32 + MIN_SHIFT)].into_boxed_slice(),
+                    None => AlignedBuf::zeroed(1 << (class as u32 + MIN_SHIFT)),
                 }
             }
-            None => vec![0u8; len].into_boxed_slice(),
+            None => AlignedBuf::zeroed(len),
         };
         PooledBuf {
             data: Some(data),
@@ -72,7 +74,7 @@ impl BufferPool {
         }
     }
 
-    fn give_back(&self, buf: Box<[u8]>) {
+    fn give_back(&self, buf: AlignedBuf) {
         let size = buf.len();
         let Some(class) = Self::class_of(size) else {
             return;
@@ -98,7 +100,7 @@ impl BufferPool {
 /// A buffer of `len` bytes borrowed from a [`BufferPool`]; returned to it on drop.
 pub(crate) struct PooledBuf {
     /// Always `Some` until dropped.
-    data: Option<Box<[u8]>>,
+    data: Option<AlignedBuf>,
     len: usize,
     pool: Arc<BufferPool>,
 }

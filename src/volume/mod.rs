@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 
-use crate::data::DataFile;
+use crate::data::{AlignedBuf, CacheMode, DataFile};
 use crate::device::{BlockDevice, DevError, DevResult, DeviceInfo, Extent, check_range, iov_len};
 use crate::pool::{Pool, PoolError, Reservation, VolumeInfo};
 use crate::units::{DataBlock, DevId, VirtBlock};
@@ -269,8 +269,18 @@ impl VolumePool {
         }
     }
 
-    /// The data path over `pool` and its own data file (`DIR/data`).
+    /// The data path over `pool` and its own data file (`DIR/data`), all through the page
+    /// cache.
     pub fn open(pool: Pool, cache_entries: usize) -> Result<VolumePool, PoolError> {
+        Self::open_with(pool, cache_entries, CacheMode::Writeback)
+    }
+
+    /// [`open`](VolumePool::open) with a choice of how the data file uses the page cache.
+    pub fn open_with(
+        pool: Pool,
+        cache_entries: usize,
+        cache: CacheMode,
+    ) -> Result<VolumePool, PoolError> {
         let path = pool.data_path();
         let bs = u32::try_from(pool.data_block_size()).map_err(|_| {
             PoolError::InvalidArgument(format!(
@@ -278,7 +288,7 @@ impl VolumePool {
                 pool.data_block_size()
             ))
         })?;
-        let data = DataFile::open(&path, bs, false)
+        let data = DataFile::open_with(&path, bs, false, cache)
             .map_err(|e| PoolError::io(format!("cannot open {}", path.display()), e))?;
         Ok(VolumePool::new(pool, data, cache_entries))
     }
@@ -1081,12 +1091,14 @@ impl Volume {
         let new_block = |k: usize| -> DevResult<DataBlock> { Ok(reserved.block(k)?.0) };
         // Copies of partially written shared blocks: the old block with the write laid over
         // it, written whole (measured faster than copy_file_range + write: docs/io-engines.md).
-        let mut copies: Vec<Vec<u8>> = Vec::new();
+        // Page-aligned, so that the read of the old block and the write of the new one may
+        // take the direct path (CacheMode::Direct).
+        let mut copies: Vec<AlignedBuf> = Vec::new();
         for (&i, plan) in todo.iter().zip(&plans) {
             let p = ps[i];
             match *plan {
                 Plan::Copy { old, .. } if !p.whole(bs) => {
-                    let mut block = vec![0u8; bs as usize];
+                    let mut block = AlignedBuf::zeroed(bs as usize);
                     sh.data
                         .read(old, 0, &mut [IoSliceMut::new(&mut block)])
                         .await

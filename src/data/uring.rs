@@ -1,0 +1,373 @@
+//! io_uring for the data file's direct transfers ([`CacheMode::Direct`](super::CacheMode)).
+//!
+//! A synchronous `O_DIRECT` write that allocates (into a hole of a sparse file) holds ext4's
+//! inode lock until the device has the data, so writes from a thread pool queue behind each
+//! other; an asynchronous one (io_uring) holds it only while the I/O is submitted. So direct
+//! transfers go through one ring shared by the whole data file:
+//!
+//! - a task pushes its `READV`/`WRITEV` entry under a lock and submits it itself;
+//! - a reaper thread waits for completions and wakes the task (or a thread blocked in
+//!   [`Drop`], below);
+//! - a short transfer is resubmitted for what remains.
+//!
+//! The kernel uses the caller's buffers and iovec array until the completion arrives. A
+//! transfer future dropped before that (a cancelled request) therefore waits in its `Drop`
+//! for the completion, like [`Offloaded`](super::iov::Offloaded) does for the thread pool.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use io_uring::{IoUring, opcode, types};
+use parking_lot::{Condvar, Mutex};
+
+use super::iov::{Dir, Iovecs};
+
+/// Submission queue entries; more transfers than this in flight wait for room.
+const ENTRIES: u32 = 256;
+/// user_data of the no-op that wakes the reaper to stop.
+const STOP: u64 = u64::MAX;
+/// Linux caps an iovec array at IOV_MAX.
+const IOV_MAX: usize = 1024;
+
+/// One transfer's completion slot.
+#[derive(Default)]
+struct Slot {
+    result: Option<i32>,
+    waker: Option<Waker>,
+}
+
+/// Slots of the transfers in flight, indexed by the entries' user_data.
+#[derive(Default)]
+struct Slots {
+    entries: Vec<Option<Slot>>,
+    free: Vec<usize>,
+}
+
+impl Slots {
+    fn insert(&mut self) -> usize {
+        match self.free.pop() {
+            Some(i) => {
+                self.entries[i] = Some(Slot::default());
+                i
+            }
+            None => {
+                self.entries.push(Some(Slot::default()));
+                self.entries.len() - 1
+            }
+        }
+    }
+
+    fn get_mut(&mut self, i: usize) -> Option<&mut Slot> {
+        self.entries.get_mut(i).and_then(Option::as_mut)
+    }
+
+    fn remove(&mut self, i: usize) {
+        if let Some(e) = self.entries.get_mut(i)
+            && e.take().is_some()
+        {
+            self.free.push(i);
+        }
+    }
+}
+
+struct Inner {
+    ring: IoUring,
+    /// Serialises access to the submission queue.
+    submit_lock: Mutex<()>,
+    slots: Mutex<Slots>,
+    /// Signalled with every batch of completions, for `Drop` of a cancelled transfer.
+    completed: Condvar,
+    stop: AtomicBool,
+}
+
+/// The data file's ring and its reaper thread (stopped on drop).
+pub(crate) struct Ring {
+    inner: Arc<Inner>,
+    reaper: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Ring {
+    /// A ring and its reaper, or the error when the kernel refuses io_uring.
+    pub(crate) fn new() -> io::Result<Ring> {
+        let inner = Arc::new(Inner {
+            ring: IoUring::new(ENTRIES)?,
+            submit_lock: Mutex::new(()),
+            slots: Mutex::new(Slots::default()),
+            completed: Condvar::new(),
+            stop: AtomicBool::new(false),
+        });
+        let reaper_inner = inner.clone();
+        let reaper = std::thread::Builder::new()
+            .name("uthin-uring".into())
+            .spawn(move || reaper_inner.reap())?;
+        Ok(Ring {
+            inner,
+            reaper: Some(reaper),
+        })
+    }
+
+    /// Transfers all of `iov` at file offset `off` of `fd` (read or write by the iovecs'
+    /// direction). A read that meets the end of the file fails.
+    pub(crate) async fn transfer(
+        &self,
+        fd: i32,
+        mut iov: Iovecs<'_>,
+        mut off: u64,
+    ) -> io::Result<()> {
+        while iov.remaining() > 0 {
+            let vecs = iov.iovecs();
+            let cnt = vecs.len().min(IOV_MAX) as u32;
+            let entry = match iov.dir() {
+                Dir::Read => opcode::Readv::new(types::Fd(fd), vecs.as_ptr(), cnt)
+                    .offset(off)
+                    .build(),
+                Dir::Write => opcode::Writev::new(types::Fd(fd), vecs.as_ptr(), cnt)
+                    .offset(off)
+                    .build(),
+            };
+            let pending = self.inner.start(entry);
+            let r = pending.await;
+            match r {
+                n if n > 0 => {
+                    iov.advance(n as usize);
+                    off += n as u64;
+                }
+                0 => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("data file ends at byte {off}, inside a data block"),
+                    ));
+                }
+                e if -e == libc::EINTR || -e == libc::EAGAIN => {}
+                e => return Err(io::Error::from_raw_os_error(-e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        self.inner.stop.store(true, Ordering::Release);
+        let nop = opcode::Nop::new().build().user_data(STOP);
+        self.inner.push_and_submit(&nop);
+        if let Some(r) = self.reaper.take() {
+            let _ = r.join();
+        }
+    }
+}
+
+impl Inner {
+    /// Queues `entry` under a fresh slot and submits it; the returned future yields its result.
+    fn start(self: &Arc<Self>, entry: io_uring::squeue::Entry) -> Pending {
+        let idx = self.slots.lock().insert();
+        self.push_and_submit(&entry.user_data(idx as u64));
+        Pending {
+            inner: self.clone(),
+            idx,
+            done: false,
+        }
+    }
+
+    /// Pushes one entry and submits. Transient refusals (a full queue, EINTR, EAGAIN, EBUSY)
+    /// are retried: once pushed, the entry must reach the kernel, since its owner waits for
+    /// its completion.
+    fn push_and_submit(&self, entry: &io_uring::squeue::Entry) {
+        let _g = self.submit_lock.lock();
+        loop {
+            // SAFETY: the submission queue is only touched under `submit_lock`. The entry's
+            // iovecs and buffers stay alive until its completion has been seen: the `Pending`
+            // future (or its Drop) waits for it.
+            let pushed = unsafe {
+                let mut sq = self.ring.submission_shared();
+                let r = sq.push(entry);
+                sq.sync();
+                r.is_ok()
+            };
+            self.submit_retrying();
+            if pushed {
+                return;
+            }
+        }
+    }
+
+    fn submit_retrying(&self) {
+        loop {
+            match self.ring.submit() {
+                Ok(_) => return,
+                Err(e) => {
+                    if e.raw_os_error() != Some(libc::EINTR) {
+                        tracing::warn!("io_uring submit: {e}; retrying");
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The reaper thread: waits for completions and hands each result to its slot.
+    fn reap(&self) {
+        loop {
+            if let Err(e) = self.ring.submitter().submit_and_wait(1)
+                && e.raw_os_error() != Some(libc::EINTR)
+            {
+                tracing::warn!("io_uring wait: {e}; retrying");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let mut slots = self.slots.lock();
+            // SAFETY: this thread is the only one that touches the completion queue.
+            let cq = unsafe { self.ring.completion_shared() };
+            for cqe in cq {
+                if cqe.user_data() == STOP {
+                    continue;
+                }
+                if let Some(slot) = slots.get_mut(cqe.user_data() as usize) {
+                    slot.result = Some(cqe.result());
+                    if let Some(w) = slot.waker.take() {
+                        w.wake();
+                    }
+                }
+            }
+            drop(slots);
+            self.completed.notify_all();
+            if self.stop.load(Ordering::Acquire) {
+                return;
+            }
+        }
+    }
+}
+
+/// One submitted entry; resolves to its result (bytes moved or a negated errno).
+struct Pending {
+    inner: Arc<Inner>,
+    idx: usize,
+    done: bool,
+}
+
+impl Future for Pending {
+    type Output = i32;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<i32> {
+        let idx = self.idx;
+        let mut slots = self.inner.slots.lock();
+        let Some(slot) = slots.get_mut(idx) else {
+            drop(slots);
+            self.done = true;
+            return Poll::Ready(-libc::EIO);
+        };
+        match slot.result {
+            Some(r) => {
+                slots.remove(idx);
+                drop(slots);
+                self.done = true;
+                Poll::Ready(r)
+            }
+            None => {
+                slot.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        // Cancelled while the kernel may still use the buffers: wait for the completion. This
+        // blocks the current thread for at most one I/O; it only happens when a request is
+        // abandoned mid-flight (client gone, shutdown).
+        let mut slots = self.inner.slots.lock();
+        while slots.get_mut(self.idx).is_some_and(|s| s.result.is_none()) {
+            self.inner.completed.wait(&mut slots);
+        }
+        slots.remove(self.idx);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{IoSlice, IoSliceMut, Write};
+    use std::os::fd::AsRawFd;
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn reads_writes_and_cancellation() {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&[0u8; 1 << 20]).unwrap();
+        let fd = f.as_raw_fd();
+        let ring = Ring::new().unwrap();
+        rt().block_on(async {
+            let a = vec![3u8; 4096];
+            let b = vec![4u8; 8192];
+            ring.transfer(
+                fd,
+                Iovecs::for_write(&[IoSlice::new(&a), IoSlice::new(&b)]),
+                4096,
+            )
+            .await
+            .unwrap();
+            let mut c = vec![0u8; 12288 + 4096];
+            ring.transfer(fd, Iovecs::for_read(&mut [IoSliceMut::new(&mut c)]), 0)
+                .await
+                .unwrap();
+            assert!(c[..4096].iter().all(|&x| x == 0));
+            assert!(c[4096..8192].iter().all(|&x| x == 3));
+            assert!(c[8192..16384].iter().all(|&x| x == 4));
+            // Many at once, more than the ring holds.
+            let bufs: Vec<Vec<u8>> = (0..600).map(|i| vec![(i % 251) as u8; 512]).collect();
+            let slices: Vec<[IoSlice<'_>; 1]> = bufs.iter().map(|b| [IoSlice::new(b)]).collect();
+            let futs = slices
+                .iter()
+                .enumerate()
+                .map(|(i, s)| ring.transfer(fd, Iovecs::for_write(s), i as u64 * 512));
+            for r in futures_util::future::join_all(futs).await {
+                r.unwrap();
+            }
+            let mut all = vec![0u8; 600 * 512];
+            ring.transfer(fd, Iovecs::for_read(&mut [IoSliceMut::new(&mut all)]), 0)
+                .await
+                .unwrap();
+            for (i, chunk) in all.chunks(512).enumerate() {
+                assert!(chunk.iter().all(|&x| x == (i % 251) as u8), "chunk {i}");
+            }
+            // Dropped after its first poll: Drop waits for the completion, then the buffer
+            // may go.
+            let mut d = vec![0u8; 65536];
+            {
+                let mut bufs = [IoSliceMut::new(&mut d)];
+                let mut fut = Box::pin(ring.transfer(fd, Iovecs::for_read(&mut bufs), 0));
+                let waker = futures_util::task::noop_waker();
+                let mut cx = Context::from_waker(&waker);
+                let _ = fut.as_mut().poll(&mut cx);
+                drop(fut);
+            }
+            drop(d);
+            // Past the end of the file: a clear error.
+            let mut e = vec![0u8; 4096];
+            let err = ring
+                .transfer(
+                    fd,
+                    Iovecs::for_read(&mut [IoSliceMut::new(&mut e)]),
+                    1 << 20,
+                )
+                .await
+                .unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        });
+        drop(ring);
+    }
+}
