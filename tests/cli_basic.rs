@@ -170,6 +170,7 @@ fn errors_name_the_thing_and_exit_1() {
         2,
         "127.0.0.1:notaport",
     );
+    fails(&pool, &["serve", "--cache", "none"], 2, "--cache");
     let nowhere = pool.with_file_name("nowhere");
     fails(&nowhere, &["list"], 1, "no pool");
     // --force really recreates.

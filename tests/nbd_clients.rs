@@ -424,7 +424,7 @@ fn fio_nbd_engine_verifies_random_and_sequential_io(t: &impl Target) {
     out.ok("fio randrw");
 }
 
-/// Runs each test body against both servers.
+/// Runs each test body against both servers, `uthin serve` in both cache modes.
 macro_rules! against_both_servers {
     ($($name:ident),* $(,)?) => {
         mod in_process {
@@ -432,6 +432,13 @@ macro_rules! against_both_servers {
         }
         mod serve {
             $( #[test] fn $name() { super::$name(&super::ServeProcess::start_fresh()); } )*
+        }
+        mod serve_direct {
+            $( #[test] fn $name() {
+                let s = super::ServeProcess::start_fresh_with(&["--cache", "direct"]);
+                assert!(s.log().contains("cache mode: Direct"), "{}", s.log());
+                super::$name(&s);
+            } )*
         }
     };
 }

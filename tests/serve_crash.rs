@@ -3,7 +3,7 @@
 //! is killed without warning; then `uthin check` and thin_check find the metadata clean, and
 //! after a restart every write acknowledged before a successful flush reads back (a write not
 //! covered by a flush may read as before or after). Three crash cycles, each starting from what
-//! the previous one verified.
+//! the previous one verified; the second runs with `--cache direct`.
 
 mod nbd_support;
 mod serve_support;
@@ -213,7 +213,21 @@ fn kill_9_under_a_flushing_load_loses_no_flushed_write() {
         )
         .ok("thin_check after kill -9");
 
+        // The middle cycle runs with `--cache direct` (O_DIRECT through io_uring), the others
+        // through the page cache; each restart also reads the other mode's data.
+        s.extra = if cycle == 0 {
+            vec!["--cache".into(), "direct".into()]
+        } else {
+            Vec::new()
+        };
         s.start();
+        let mode = if cycle == 0 { "Direct" } else { "Writeback" };
+        let log = s.log();
+        let last = log.rsplit("cache mode: ").next().unwrap_or("");
+        assert!(
+            last.starts_with(mode),
+            "serve did not run with {mode}:\n{log}"
+        );
         models = (0..WRITERS)
             .map(|w| verify(&s.tcp, w, &models[w as usize]))
             .collect();

@@ -42,6 +42,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use futures_util::future::try_join_all;
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 
 use crate::data::{AlignedBuf, CacheMode, DataFile};
@@ -172,6 +173,17 @@ pub struct Volume {
     size: AtomicU64,
     read_only: bool,
     state: Arc<DevState>,
+}
+
+/// Writes the runs of one request, all at once (see `read_impl`).
+async fn write_runs(data: &DataFile, runs: Vec<Run<IoSlice<'_>>>) -> DevResult<()> {
+    try_join_all(
+        runs.iter()
+            .map(|run| data.write(run.block, run.offset, &run.bufs)),
+    )
+    .await
+    .map_err(io_err)?;
+    Ok(())
 }
 
 fn io_err(e: std::io::Error) -> DevError {
@@ -954,12 +966,13 @@ impl Volume {
                 _ => part.iter_mut().for_each(|b| b.fill(0)),
             }
         }
-        for mut run in coalesce(runs, bs) {
-            sh.data
-                .read(run.block, run.offset, &mut run.bufs)
-                .await
-                .map_err(io_err)?;
-        }
+        // The runs of one request go to the data file together: with direct I/O each is a
+        // device round trip, and a request's pieces are rarely consecutive data blocks.
+        try_join_all(coalesce(runs, bs).into_iter().map(|mut run| async move {
+            sh.data.read(run.block, run.offset, &mut run.bufs).await
+        }))
+        .await
+        .map_err(io_err)?;
         Ok(())
     }
 
@@ -999,12 +1012,7 @@ impl Volume {
                         bufs: part,
                     })
                     .collect();
-                for run in coalesce(runs, bs) {
-                    sh.data
-                        .write(run.block, run.offset, &run.bufs)
-                        .await
-                        .map_err(io_err)?;
-                }
+                write_runs(&sh.data, coalesce(runs, bs)).await?;
                 return Ok(());
             }
         }
@@ -1154,12 +1162,7 @@ impl Volume {
             };
             runs.push(run);
         }
-        for run in coalesce(runs, bs) {
-            sh.data
-                .write(run.block, run.offset, &run.bufs)
-                .await
-                .map_err(io_err)?;
-        }
+        write_runs(&sh.data, coalesce(runs, bs)).await?;
         if fresh == 0 {
             return Ok(Vec::new());
         }

@@ -85,7 +85,13 @@ impl ServeProcess {
 
     /// A fresh 4 GiB pool, served.
     pub fn start_fresh() -> ServeProcess {
+        Self::start_fresh_with(&[])
+    }
+
+    /// A fresh 4 GiB pool, served with extra `serve` arguments (e.g. `--cache direct`).
+    pub fn start_fresh_with(extra: &[&str]) -> ServeProcess {
         let mut s = Self::with_pool("4G");
+        s.extra = extra.iter().map(|a| a.to_string()).collect();
         s.start();
         s
     }
