@@ -1,7 +1,8 @@
 //! The volume layer against a plain file through the same data engine (issue 5).
 //!
 //! Both sides use one `DataFile` engine, 2 tokio workers, queue depth 32 (32 tasks with one
-//! request each in flight), buffered I/O. The plain side addresses a 4 GiB file directly (a
+//! request each in flight), buffered I/O (`--cache direct`: both sides O_DIRECT through
+//! io_uring, as `uthin serve --cache direct`; buffers are page-aligned either way). The plain side addresses a 4 GiB file directly (a
 //! request is one vectored syscall, as a plain file through this engine would do it); the
 //! volume side is a 4 GiB thin volume of a real pool (dm-thin metadata in `DIR/metadata`, data
 //! blocks of 64 KiB in `DIR/data`) through `Volume`: splitting, mapping cache, in-flight
@@ -23,6 +24,7 @@
 //! ```text
 //! cargo bench --bench volume -- [--dir DIR] [--size-gib 4] [--ops 20000] [--cow-ops N]
 //!                                [--secs 3] [--rounds 3] [--only fresh-4k,cow-4k,commit,...]
+//!                                [--cache writeback|direct]
 //! ```
 
 mod support;
@@ -34,7 +36,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use uthin::data::DataFile;
+use uthin::data::{AlignedBuf, CacheMode, DataFile};
 use uthin::device::BlockDevice;
 use uthin::pool::{CreateOptions, Pool};
 use uthin::units::DataBlock;
@@ -181,6 +183,8 @@ struct Args {
     /// Workloads to run (names as in WORKLOADS, plus "commit"); all when empty. Writes that
     /// later workloads need (fresh-4k, seqwrite-1m) run anyway.
     only: Vec<String>,
+    /// The data file's cache mode, on both sides.
+    cache: CacheMode,
 }
 
 fn parse_args() -> Args {
@@ -192,6 +196,7 @@ fn parse_args() -> Args {
         secs: 3.0,
         rounds: 3,
         only: Vec::new(),
+        cache: CacheMode::Writeback,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -205,15 +210,23 @@ fn parse_args() -> Args {
             "--rounds" => a.rounds = val().parse().expect("--rounds N"),
             "--side" => SIDE.store(if val() == "plain" { 0 } else { 1 }, Ordering::Relaxed),
             "--only" => a.only = val().split(',').map(str::to_string).collect(),
+            "--cache" => {
+                a.cache = match val().as_str() {
+                    "writeback" => CacheMode::Writeback,
+                    "direct" => CacheMode::Direct,
+                    other => panic!("--cache writeback|direct, not {other}"),
+                }
+            }
             _ => {}
         }
     }
     a
 }
 
-fn fresh_file(path: &Path, blocks: u64) -> DataFile {
+fn fresh_file(path: &Path, blocks: u64, cache: CacheMode) -> DataFile {
     let _ = std::fs::remove_file(path);
-    let d = DataFile::open(path, BS as u32, true).expect("data file");
+    let d = DataFile::open_with(path, BS as u32, true, cache).expect("data file");
+    assert_eq!(d.cache_mode(), cache, "the storage refused O_DIRECT");
     d.grow(blocks).expect("grow");
     d
 }
@@ -290,8 +303,16 @@ fn main() {
         // Random workloads on one file / volume, sequential and copy-on-write on another, so
         // the sequential write finds fresh space on both sides (not blocks the random
         // workloads placed at random).
-        let plain_rand = Target::Plain(Arc::new(fresh_file(&args.dir.join("plain-rand"), blocks)));
-        let plain_seq = Target::Plain(Arc::new(fresh_file(&args.dir.join("plain-seq"), blocks)));
+        let plain_rand = Target::Plain(Arc::new(fresh_file(
+            &args.dir.join("plain-rand"),
+            blocks,
+            args.cache,
+        )));
+        let plain_seq = Target::Plain(Arc::new(fresh_file(
+            &args.dir.join("plain-seq"),
+            blocks,
+            args.cache,
+        )));
         let pool_dir = args.dir.join("pool");
         // A fresh, fully sparse data file every round.
         let _ = std::fs::remove_dir_all(&pool_dir);
@@ -305,7 +326,8 @@ fn main() {
             },
         )
         .expect("pool");
-        let pool = VolumePool::open(pool, DEFAULT_CACHE_ENTRIES).expect("volume pool");
+        let pool =
+            VolumePool::open_with(pool, DEFAULT_CACHE_ENTRIES, args.cache).expect("volume pool");
         let vol = |name: &str| {
             rt.block_on(pool.create_volume(name, args.size))
                 .expect("create");
@@ -313,8 +335,13 @@ fn main() {
         };
         let rand = [plain_rand, vol("rand")];
         let seq = [plain_seq, vol("seq")];
-        let buf4k = Arc::new(vec![0x5Au8; 4096]);
-        let buf1m = Arc::new(vec![0xA5u8; 1 << 20]);
+        let filled = |len: usize, byte: u8| {
+            let mut b = AlignedBuf::zeroed(len);
+            b.fill(byte);
+            Arc::new(b)
+        };
+        let buf4k = filled(4096, 0x5A);
+        let buf1m = filled(1 << 20, 0xA5);
         let mut report = |w: usize, rates: [f64; 2]| {
             let io = if w == 3 || w == 4 { 1 << 20 } else { 4096 };
             for (side, rate) in rates.into_iter().enumerate() {
@@ -395,7 +422,7 @@ fn main() {
                         if write {
                             t.write(off, &b).await
                         } else {
-                            let mut v = vec![0u8; 4096];
+                            let mut v = AlignedBuf::zeroed(4096);
                             t.read(off, &mut v).await
                         }
                     }
@@ -414,7 +441,7 @@ fn main() {
                         if write {
                             t.write(i << 20, &b).await
                         } else {
-                            let mut v = vec![0u8; 1 << 20];
+                            let mut v = AlignedBuf::zeroed(1 << 20);
                             t.read(i << 20, &mut v).await
                         }
                     }

@@ -20,7 +20,9 @@
 //! - [`grow`](DataFile::grow) and [`allocated_bytes`](DataFile::allocated_bytes).
 //!
 //! The engine (why reads go inline with `RWF_NOWAIT` and writes to a thread pool) is measured
-//! and explained in docs/io-engines.md.
+//! and explained in docs/io-engines.md, as is [`CacheMode::Direct`], where every transfer is
+//! `O_DIRECT` through io_uring (`uring.rs`) from page-aligned buffers ([`AlignedBuf`]) or
+//! through a bounce buffer.
 
 mod aligned;
 mod file;
