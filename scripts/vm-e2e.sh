@@ -281,13 +281,19 @@ uthin_setup() {
     "$UTHIN" --pool "$WORK/pool" pool create --data-size 4G
     "$UTHIN" --pool "$WORK/pool" create vol0 --size "$VOLUME_SIZE"
 }
+UTHIN_STARTS=0
 uthin_start() {
-    local args=() v
+    local args=() v cache=writeback
     for v in $VOLUMES; do args+=(--vhost-user "$v=$WORK/$v.sock"); done
     rm -f "$WORK"/*.sock
+    # Every other start serves with --cache direct (O_DIRECT): each mode reads what the other
+    # wrote.
+    UTHIN_STARTS=$((UTHIN_STARTS + 1))
+    [ $((UTHIN_STARTS % 2)) -eq 1 ] || cache=direct
+    log "uthin serve --cache $cache"
     # NBD on a Unix socket of our own: the default TCP port may be taken on a shared machine.
-    "$UTHIN" --pool "$WORK/pool" serve --nbd "unix:$WORK/nbd.sock" --num-queues 2 "${args[@]}" \
-        >>"$WORK/server.log" 2>&1 &
+    "$UTHIN" --pool "$WORK/pool" serve --nbd "unix:$WORK/nbd.sock" --num-queues 2 \
+        --cache "$cache" "${args[@]}" >>"$WORK/server.log" 2>&1 &
     SERVER_PID=$!
     wait_for_sockets
 }

@@ -879,3 +879,24 @@ fn serve_vhost_user_patterns_live_add_remove_and_restart() {
     drop(c);
     assert_eq!(s.stop().code(), Some(0));
 }
+
+/// The same patterns through `uthin serve --cache direct --vhost-user`: guest buffers go to
+/// the data file with O_DIRECT through io_uring.
+#[test]
+fn serve_vhost_user_patterns_with_cache_direct() {
+    init_logging();
+    let mut s = serve_support::ServeProcess::with_pool("1G");
+    s.ok(&["create", "vol", "--size", "64M"]);
+    let sock = s.dir.path().join("vol.sock");
+    s.extra = vec![
+        "--cache".into(),
+        "direct".into(),
+        "--vhost-user".into(),
+        format!("vol={}", sock.display()),
+    ];
+    s.start();
+    assert!(s.log().contains("cache mode: Direct"), "{}", s.log());
+    read_write_patterns(&sock);
+    assert_eq!(s.stop().code(), Some(0));
+    assert!(s.ok(&["check"]).contains("clean"));
+}
