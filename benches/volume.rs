@@ -19,7 +19,8 @@
 //! - commit: the latency of a flush issued every 50 ms during `--secs` of more fresh 4 KiB
 //!   writes (volume only; not part of the timed fresh-4k runs), split into its phases.
 //!
-//! Before each run, `sync(2)` writes back what earlier runs left dirty (untimed).
+//! Before each run, `sync(2)` writes back what earlier runs left dirty (untimed). The files
+//! (up to ~20 GiB, sparse) are removed at the end.
 //!
 //! ```text
 //! cargo bench --bench volume -- [--dir DIR] [--size-gib 4] [--ops 20000] [--cow-ops N]
@@ -501,5 +502,9 @@ fn main() {
     println!();
     for l in &commit_lines {
         println!("{l}");
+    }
+    // Two 4 GiB files and a pool of up to 12 GiB: do not leave them behind.
+    if let Err(e) = std::fs::remove_dir_all(&args.dir) {
+        eprintln!("could not remove {}: {e}", args.dir.display());
     }
 }
