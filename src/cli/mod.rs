@@ -168,8 +168,8 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u16).range(1..=64))]
     pub num_queues: u16,
     /// How the data file uses the host's page cache: `writeback` (every transfer through it,
-    /// like qemu-nbd's default) or `direct` (transfers of a data block or more bypass it with
-    /// O_DIRECT, like QEMU's cache.direct=on; see docs/io-engines.md).
+    /// like qemu-nbd's default) or `direct` (every transfer bypasses it: O_DIRECT through
+    /// io_uring, like QEMU's cache.direct=on,aio=io_uring; see docs/io-engines.md).
     #[arg(long, value_enum, default_value_t = CacheArg::Writeback)]
     pub cache: CacheArg,
 }
@@ -179,7 +179,7 @@ pub struct ServeArgs {
 pub enum CacheArg {
     /// Every data transfer through the page cache.
     Writeback,
-    /// Transfers of at least one data block bypass the page cache (O_DIRECT).
+    /// Every data transfer bypasses the page cache (O_DIRECT through io_uring).
     Direct,
 }
 

@@ -1,8 +1,8 @@
 //! The real data file: a regular file or a block device, read and written with positional
 //! vectored syscalls. See docs/io-engines.md for why this engine (reads inline with
 //! `RWF_NOWAIT`, everything that may block on tokio's blocking pool) won on this machine, and
-//! for the [`CacheMode::Direct`] rules (which transfers bypass the page cache, and why the
-//! pages the others leave there never go stale).
+//! for [`CacheMode::Direct`] (every transfer `O_DIRECT` through io_uring, and why nothing
+//! may then go through the page cache).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, IoSliceMut};

@@ -5,7 +5,8 @@
 //! freed buffers in power-of-two size classes (4 KiB .. 32 MiB) and hands them out again; a
 //! buffer returns to the pool when its [`PooledBuf`] is dropped, i.e. once the reply carrying
 //! it has been written to the socket. The pool's total size is capped, so idle memory stays
-//! bounded whatever the clients do.
+//! bounded whatever the clients do. Buffers are page-aligned ([`AlignedBuf`]), so a write
+//! payload can go to the data file with `O_DIRECT` as it is (`uthin serve --cache direct`).
 //!
 //! A reused buffer holds an earlier request's bytes. That is safe because every user fills the
 //! part it sends: a device read fills the whole range or fails (and a failed read sends no
