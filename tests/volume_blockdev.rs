@@ -1,12 +1,14 @@
 //! The data path with `DIR/data` on a block device (a loop device whose every byte starts as
 //! 0xA5): a block device has no holes to detect, so every fresh block and every reused block
 //! must read as zeros around a partial write, freed blocks are zeroed (BLKZEROOUT) instead of
-//! punched, and the pool stays check-clean.
+//! punched, and the pool stays check-clean. Run with the page cache and with `--cache direct`
+//! (O_DIRECT on the device; these buffers are not page-aligned, so through bounce buffers).
 
 mod volume_common;
 
 use std::io::{IoSlice, IoSliceMut};
 
+use uthin::data::CacheMode;
 use uthin::device::BlockDevice;
 use uthin::pool::Pool;
 use uthin::volume::{Volume, VolumePool};
@@ -45,6 +47,15 @@ async fn assert_only(v: &Volume, vblock: u64, at: usize, data: &[u8], what: &str
 
 #[test]
 fn fresh_and_reused_blocks_on_a_block_device_read_as_zeros() {
+    run(CacheMode::Writeback);
+}
+
+#[test]
+fn fresh_and_reused_blocks_on_a_block_device_read_as_zeros_direct() {
+    run(CacheMode::Direct);
+}
+
+fn run(cache: CacheMode) {
     let tmp = tempfile::tempdir().unwrap();
     let image = tmp.path().join("data.img");
     std::fs::write(&image, vec![GARBAGE; (DATA_BLOCKS * BS) as usize]).unwrap();
@@ -54,7 +65,8 @@ fn fresh_and_reused_blocks_on_a_block_device_read_as_zeros() {
     std::os::unix::fs::symlink(&dev.0, dir.join("data")).unwrap();
 
     let pool = Pool::create(&dir, &create_opts(DATA_BLOCKS, 2 << 20)).unwrap();
-    let vp = VolumePool::open(pool, 1024).unwrap();
+    let vp = VolumePool::open_with(pool, 1024, cache).unwrap();
+    assert_eq!(vp.data().cache_mode(), cache);
     let rt = runtime();
     rt.block_on(async {
         vp.create_volume("a", HALF * BS).await.unwrap();
