@@ -33,6 +33,24 @@ const ENTRIES: u32 = 256;
 const STOP: u64 = u64::MAX;
 /// Linux caps an iovec array at IOV_MAX.
 const IOV_MAX: usize = 1024;
+/// `IORING_ENTER_GETEVENTS` (the crate keeps its constants private).
+const IORING_ENTER_GETEVENTS: u32 = 1;
+
+/// Runs `op` until it succeeds, retrying what the kernel may refuse for a while (EINTR, EAGAIN,
+/// EBUSY with a full completion backlog). Once an entry is queued it must reach the kernel:
+/// its owner waits for its completion.
+fn retry_transient(mut op: impl FnMut() -> io::Result<usize>) {
+    loop {
+        match op() {
+            Ok(_) => return,
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(e) => {
+                tracing::warn!("io_uring submit: {e}; retrying");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+}
 
 /// One transfer's completion slot.
 #[derive(Default)]
@@ -189,23 +207,12 @@ impl Inner {
                 sq.sync();
                 r.is_ok()
             };
-            self.submit_retrying();
+            // `submit` reads the queue's tail, so it too runs under the lock (the reaper only
+            // waits and never reads it). Submitting outside the lock was tried: no gain
+            // beyond the noise in an interleaved vhost-bench A/B (docs/io-engines.md).
+            retry_transient(|| self.ring.submit());
             if pushed {
                 return;
-            }
-        }
-    }
-
-    fn submit_retrying(&self) {
-        loop {
-            match self.ring.submit() {
-                Ok(_) => return,
-                Err(e) => {
-                    if e.raw_os_error() != Some(libc::EINTR) {
-                        tracing::warn!("io_uring submit: {e}; retrying");
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                }
             }
         }
     }
@@ -213,7 +220,14 @@ impl Inner {
     /// The reaper thread: waits for completions and hands each result to its slot.
     fn reap(&self) {
         loop {
-            if let Err(e) = self.ring.submitter().submit_and_wait(1)
+            // SAFETY: to_submit = 0, GETEVENTS, no argument: only waits for completions and
+            // passes no pointer (submissions are made by their owners).
+            let waited = unsafe {
+                self.ring
+                    .submitter()
+                    .enter::<libc::sigset_t>(0, 1, IORING_ENTER_GETEVENTS, None)
+            };
+            if let Err(e) = waited
                 && e.raw_os_error() != Some(libc::EINTR)
             {
                 tracing::warn!("io_uring wait: {e}; retrying");
