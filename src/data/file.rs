@@ -526,3 +526,37 @@ fn zero_out_sync(file: &File, kind: StorageKind, off: u64, len: u64) -> io::Resu
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Direct transfers where the kernel refuses io_uring: the thread pool carries them.
+    #[test]
+    fn direct_io_without_a_ring_uses_the_thread_pool() {
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tmp-tests");
+        std::fs::create_dir_all(&base).unwrap();
+        let dir = tempfile::tempdir_in(base).unwrap();
+        let mut f = RealFile::open(&dir.path().join("d"), true, CacheMode::Direct, 65536).unwrap();
+        f.grow_to(1 << 20).unwrap();
+        let d = f.direct.as_mut().expect("O_DIRECT storage");
+        d.ring = None;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut a = AlignedBuf::zeroed(8192);
+            a.fill(7);
+            f.write(4096, &[IoSlice::new(&a)]).await.unwrap();
+            f.write(5000, &[IoSlice::new(&[9u8; 3])]).await.unwrap();
+            let mut b = AlignedBuf::zeroed(16384);
+            f.read(0, &mut [IoSliceMut::new(&mut b)]).await.unwrap();
+            assert!(b[..4096].iter().all(|&x| x == 0));
+            assert!(b[4096..5000].iter().all(|&x| x == 7));
+            assert_eq!(&b[5000..5003], &[9, 9, 9]);
+            assert!(b[5003..12288].iter().all(|&x| x == 7));
+            assert!(b[12288..].iter().all(|&x| x == 0));
+        });
+    }
+}
