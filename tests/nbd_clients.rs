@@ -436,7 +436,7 @@ macro_rules! against_both_servers {
         mod serve_direct {
             $( #[test] fn $name() {
                 let s = super::ServeProcess::start_fresh_with(&["--cache", "direct"]);
-                assert!(s.log().contains("cache mode: Direct"), "{}", s.log());
+                s.assert_cache_mode("Direct");
                 super::$name(&s);
             } )*
         }

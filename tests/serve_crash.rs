@@ -221,13 +221,7 @@ fn kill_9_under_a_flushing_load_loses_no_flushed_write() {
             Vec::new()
         };
         s.start();
-        let mode = if cycle == 0 { "Direct" } else { "Writeback" };
-        let log = s.log();
-        let last = log.rsplit("cache mode: ").next().unwrap_or("");
-        assert!(
-            last.starts_with(mode),
-            "serve did not run with {mode}:\n{log}"
-        );
+        s.assert_cache_mode(if cycle == 0 { "Direct" } else { "Writeback" });
         models = (0..WRITERS)
             .map(|w| verify(&s.tcp, w, &models[w as usize]))
             .collect();

@@ -807,23 +807,31 @@ fn garbage_on_the_socket_ends_only_that_connection() {
     server.stop().unwrap();
 }
 
+/// `uthin serve` on a fresh 1 GiB pool with a 64 MiB volume `vol` served over vhost-user-blk
+/// on `vol.sock`, with the extra serve arguments `extra`; returns the server and the socket.
+fn serve_vol(extra: &[&str]) -> (serve_support::ServeProcess, PathBuf) {
+    let mut s = serve_support::ServeProcess::with_pool("1G");
+    s.ok(&["create", "vol", "--size", "64M"]);
+    let sock = s.dir.path().join("vol.sock");
+    s.extra = [
+        "--vhost-user".to_string(),
+        format!("vol={}", sock.display()),
+    ]
+    .into_iter()
+    .chain(extra.iter().map(|a| a.to_string()))
+    .collect();
+    s.start();
+    (s, sock)
+}
+
 /// The same patterns through `uthin serve --vhost-user` on a real pool; then the socket managed
 /// live over the control socket (list, remove, add), a read-only snapshot served while the
 /// origin changes, delete refused while a socket serves the volume, and a restart.
 #[test]
 fn serve_vhost_user_patterns_live_add_remove_and_restart() {
     init_logging();
-    let mut s = serve_support::ServeProcess::with_pool("1G");
-    s.ok(&["create", "vol", "--size", "64M"]);
-    let sock = s.dir.path().join("vol.sock");
+    let (mut s, sock) = serve_vol(&["--num-queues", "2"]);
     let sock_s = sock.to_str().unwrap().to_string();
-    s.extra = vec![
-        "--vhost-user".into(),
-        format!("vol={sock_s}"),
-        "--num-queues".into(),
-        "2".into(),
-    ];
-    s.start();
     read_write_patterns(&sock);
     let list = s.ok(&["vhost", "list"]);
     assert!(
@@ -885,17 +893,8 @@ fn serve_vhost_user_patterns_live_add_remove_and_restart() {
 #[test]
 fn serve_vhost_user_patterns_with_cache_direct() {
     init_logging();
-    let mut s = serve_support::ServeProcess::with_pool("1G");
-    s.ok(&["create", "vol", "--size", "64M"]);
-    let sock = s.dir.path().join("vol.sock");
-    s.extra = vec![
-        "--cache".into(),
-        "direct".into(),
-        "--vhost-user".into(),
-        format!("vol={}", sock.display()),
-    ];
-    s.start();
-    assert!(s.log().contains("cache mode: Direct"), "{}", s.log());
+    let (mut s, sock) = serve_vol(&["--cache", "direct"]);
+    s.assert_cache_mode("Direct");
     read_write_patterns(&sock);
     assert_eq!(s.stop().code(), Some(0));
     assert!(s.ok(&["check"]).contains("clean"));

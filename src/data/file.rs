@@ -126,17 +126,15 @@ impl DirectIo {
         let end = start + wide;
         let head_partial = off % a != 0;
         let tail_partial = (off + len) % a != 0;
-        let mut units = Vec::with_capacity(2);
-        if head_partial {
-            units.push(start / a);
-        }
-        if tail_partial {
-            units.push(end / a - 1);
-        }
-        let mut stripes: Vec<usize> = units
-            .iter()
-            .map(|u| (*u % RMW_STRIPES as u64) as usize)
-            .collect();
+        // Stripes of the partial edge units, in order and once each (no lock-order cycles).
+        let mut stripes: Vec<usize> = [
+            head_partial.then_some(start / a),
+            tail_partial.then_some(end / a - 1),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|unit| (unit % RMW_STRIPES as u64) as usize)
+        .collect();
         stripes.sort_unstable();
         stripes.dedup();
         let mut held = Vec::with_capacity(stripes.len());
@@ -530,22 +528,17 @@ fn zero_out_sync(file: &File, kind: StorageKind, off: u64, len: u64) -> io::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::tests::{disk_tempdir, rt};
 
     /// Direct transfers where the kernel refuses io_uring: the thread pool carries them.
     #[test]
     fn direct_io_without_a_ring_uses_the_thread_pool() {
-        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tmp-tests");
-        std::fs::create_dir_all(&base).unwrap();
-        let dir = tempfile::tempdir_in(base).unwrap();
+        let dir = disk_tempdir();
         let mut f = RealFile::open(&dir.path().join("d"), true, CacheMode::Direct, 65536).unwrap();
         f.grow_to(1 << 20).unwrap();
         let d = f.direct.as_mut().expect("O_DIRECT storage");
         d.ring = None;
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .build()
-            .unwrap();
-        rt.block_on(async {
+        rt().block_on(async {
             let mut a = AlignedBuf::zeroed(8192);
             a.fill(7);
             f.write(4096, &[IoSlice::new(&a)]).await.unwrap();

@@ -307,7 +307,8 @@ fn check_block_size(block_size: u32) -> io::Result<()> {
 mod tests {
     use super::*;
 
-    fn rt() -> tokio::runtime::Runtime {
+    /// The runtime of the data module's tests (also used by `file` and `uring`).
+    pub(super) fn rt() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .build()
@@ -377,8 +378,8 @@ mod tests {
     }
 
     /// A directory on the file system the repository lives on (/tmp may be tmpfs, which
-    /// refuses O_DIRECT).
-    fn disk_tempdir() -> tempfile::TempDir {
+    /// refused O_DIRECT before Linux 6.6). Also used by `file`'s tests.
+    pub(super) fn disk_tempdir() -> tempfile::TempDir {
         let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tmp-tests");
         std::fs::create_dir_all(&base).unwrap();
         tempfile::tempdir_in(base).unwrap()

@@ -137,7 +137,7 @@ impl Ring {
         mut iov: Iovecs<'_>,
         mut off: u64,
     ) -> io::Result<()> {
-        while iov.remaining() > 0 {
+        while !iov.is_done() {
             let vecs = iov.iovecs();
             let cnt = vecs.len().min(IOV_MAX) as u32;
             let entry = match iov.dir() {
@@ -308,15 +308,9 @@ impl Drop for Pending {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::tests::rt;
     use std::io::{IoSlice, IoSliceMut, Write};
     use std::os::fd::AsRawFd;
-
-    fn rt() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .build()
-            .unwrap()
-    }
 
     #[test]
     fn reads_writes_and_cancellation() {

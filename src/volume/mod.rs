@@ -175,17 +175,6 @@ pub struct Volume {
     state: Arc<DevState>,
 }
 
-/// Writes the runs of one request, all at once (see `read_impl`).
-async fn write_runs(data: &DataFile, runs: Vec<Run<IoSlice<'_>>>) -> DevResult<()> {
-    try_join_all(
-        runs.iter()
-            .map(|run| data.write(run.block, run.offset, &run.bufs)),
-    )
-    .await
-    .map_err(io_err)?;
-    Ok(())
-}
-
 fn io_err(e: std::io::Error) -> DevError {
     DevError::Io(e)
 }
@@ -469,6 +458,34 @@ fn same_device(p: &Pool, name: &str, dev: DevId) -> Result<(), PoolError> {
 }
 
 impl Shared {
+    /// Reads the pieces of one request that are mapped: neighbours in the data file merged,
+    /// the resulting runs issued together (with direct I/O each is a device round trip, and a
+    /// request's pieces are rarely consecutive data blocks).
+    async fn read_runs(&self, runs: Vec<Run<IoSliceMut<'_>>>) -> DevResult<()> {
+        try_join_all(
+            coalesce(runs, self.block_size)
+                .into_iter()
+                .map(|mut run| async move {
+                    self.data.read(run.block, run.offset, &mut run.bufs).await
+                }),
+        )
+        .await
+        .map_err(io_err)?;
+        Ok(())
+    }
+
+    /// Writes the pieces of one request, merged and issued like [`Shared::read_runs`].
+    async fn write_runs(&self, runs: Vec<Run<IoSlice<'_>>>) -> DevResult<()> {
+        let runs = coalesce(runs, self.block_size);
+        try_join_all(
+            runs.iter()
+                .map(|run| self.data.write(run.block, run.offset, &run.bufs)),
+        )
+        .await
+        .map_err(io_err)?;
+        Ok(())
+    }
+
     fn dev_state(&self, dev: DevId) -> Arc<DevState> {
         self.devs
             .lock()
@@ -966,14 +983,7 @@ impl Volume {
                 _ => part.iter_mut().for_each(|b| b.fill(0)),
             }
         }
-        // The runs of one request go to the data file together: with direct I/O each is a
-        // device round trip, and a request's pieces are rarely consecutive data blocks.
-        try_join_all(coalesce(runs, bs).into_iter().map(|mut run| async move {
-            sh.data.read(run.block, run.offset, &mut run.bufs).await
-        }))
-        .await
-        .map_err(io_err)?;
-        Ok(())
+        sh.read_runs(runs).await
     }
 
     /// Writes a request; the caller holds the device's gate (shared).
@@ -1012,8 +1022,7 @@ impl Volume {
                         bufs: part,
                     })
                     .collect();
-                write_runs(&sh.data, coalesce(runs, bs)).await?;
-                return Ok(());
+                return sh.write_runs(runs).await;
             }
         }
         self.write_slow(&ps, &parts).await
@@ -1162,7 +1171,7 @@ impl Volume {
             };
             runs.push(run);
         }
-        write_runs(&sh.data, coalesce(runs, bs)).await?;
+        sh.write_runs(runs).await?;
         if fresh == 0 {
             return Ok(Vec::new());
         }

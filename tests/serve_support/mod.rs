@@ -96,6 +96,17 @@ impl ServeProcess {
         s
     }
 
+    /// Asserts that the latest start serves with cache mode `mode` (`Direct` or `Writeback`,
+    /// as its "data file cache mode" log line says); shows the whole log on failure.
+    pub fn assert_cache_mode(&self, mode: &str) {
+        let log = self.log();
+        let last = log.rsplit("cache mode: ").next().unwrap_or("");
+        assert!(
+            last.starts_with(mode),
+            "serve did not run with {mode}:\n{log}"
+        );
+    }
+
     /// The log of every start so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
