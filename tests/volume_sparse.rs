@@ -1,6 +1,7 @@
 //! The data file stays sparse (issue 5): its allocated space (st_blocks) tracks the mapped
 //! blocks; a partial write into a fresh block allocates only what it writes; after a discard
-//! (or a delete) and a flush, the space is back in the host file system.
+//! (or a delete) and a flush, the space is back in the host file system. And the layout: each
+//! 1 MiB group of a volume lands on consecutive data blocks, whatever order it was written in.
 
 mod volume_common;
 
@@ -8,6 +9,7 @@ use std::io::{IoSlice, IoSliceMut};
 
 use uthin::device::BlockDevice;
 use uthin::pool::Pool;
+use uthin::units::{DevId, VirtBlock};
 use uthin::volume::VolumePool;
 use volume_common::{BS, create_opts, pattern, runtime, thin_check, uthin_check_volumes};
 
@@ -101,6 +103,105 @@ fn allocated_space_tracks_mapped_blocks_and_comes_back() {
         );
         uthin_check_volumes(&vp).unwrap();
         assert_eq!(vp.pool().status().unwrap().data_used_blocks, 0);
+    });
+    drop(vp);
+    thin_check(&dir.path().join("metadata")).unwrap();
+}
+
+/// The data block of each virtual block of `dev` in `0..blocks` (all must be mapped).
+fn layout(vp: &VolumePool, dev: DevId, blocks: u64) -> Vec<u64> {
+    let pool = vp.pool();
+    (0..blocks)
+        .map(|v| {
+            pool.lookup(dev, VirtBlock(v))
+                .unwrap()
+                .unwrap_or_else(|| panic!("block {v} of {dev} is not mapped"))
+                .block
+                .0
+        })
+        .collect()
+}
+
+/// Panics unless every group of 16 virtual blocks maps to 16 consecutive data blocks.
+fn assert_groups_consecutive(map: &[u64], what: &str) {
+    for (g, group) in map.chunks(16).enumerate() {
+        let base = group[0];
+        for (i, &b) in group.iter().enumerate() {
+            assert_eq!(
+                b,
+                base + i as u64,
+                "{what}: group {g} is not consecutive: {group:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn random_writes_place_each_group_on_consecutive_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = Pool::create(dir.path(), &create_opts(DATA_BLOCKS, 2 << 20)).unwrap();
+    let vp = VolumePool::open(pool, 1024).unwrap();
+    let rt = runtime();
+    let blocks = VOL / BS;
+    rt.block_on(async {
+        vp.create_volume("a", VOL).await.unwrap();
+        vp.create_volume("b", VOL).await.unwrap();
+        let (a, b) = (vp.volume("a").unwrap(), vp.volume("b").unwrap());
+        // Every block of both volumes once, 4 KiB each, in one shuffled order (a fixed
+        // permutation: 37 is prime to 2 * 128), the two volumes interleaved.
+        for i in 0..2 * blocks {
+            let k = (i * 37 + 11) % (2 * blocks);
+            let (vol, v) = if k % 2 == 0 { (&a, k / 2) } else { (&b, k / 2) };
+            vol.write(v * BS + 4096, &[IoSlice::new(&[k as u8; 4096])], false)
+                .await
+                .unwrap();
+        }
+        a.flush().await.unwrap();
+        assert_groups_consecutive(&layout(&vp, a.dev(), blocks), "a");
+        assert_groups_consecutive(&layout(&vp, b.dev(), blocks), "b");
+
+        // After a snapshot, copies on write are placed the same way (new groups), and the
+        // snapshot keeps the old blocks.
+        vp.snapshot("a", "s", false).await.unwrap();
+        let s = vp.volume("s").unwrap();
+        let before = layout(&vp, a.dev(), blocks);
+        for i in 0..blocks {
+            let v = (i * 37 + 5) % blocks;
+            a.write(v * BS, &[IoSlice::new(&[0xEE; 512])], false)
+                .await
+                .unwrap();
+        }
+        a.flush().await.unwrap();
+        let after = layout(&vp, a.dev(), blocks);
+        assert_groups_consecutive(&after, "a after copies");
+        assert!(
+            before.iter().zip(&after).all(|(x, y)| x != y),
+            "every block copied"
+        );
+        assert_eq!(
+            layout(&vp, s.dev(), blocks),
+            before,
+            "the snapshot kept its blocks"
+        );
+
+        // The data is where the layout says: read back both versions.
+        for v in [0, 17, blocks - 1] {
+            let mut got = vec![0u8; BS as usize];
+            a.read(v * BS, &mut [IoSliceMut::new(&mut got)])
+                .await
+                .unwrap();
+            assert!(got[..512].iter().all(|&x| x == 0xEE), "a block {v}");
+            let k = (0..2 * blocks).find(|&k| k % 2 == 0 && k / 2 == v).unwrap();
+            assert!(
+                got[4096..8192].iter().all(|&x| x == k as u8),
+                "a block {v} old part"
+            );
+            s.read(v * BS, &mut [IoSliceMut::new(&mut got)])
+                .await
+                .unwrap();
+            assert!(got[..4096].iter().all(|&x| x == 0), "s block {v}");
+        }
+        uthin_check_volumes(&vp).unwrap();
     });
     drop(vp);
     thin_check(&dir.path().join("metadata")).unwrap();

@@ -580,6 +580,12 @@ impl TransactionManager {
             .map(DiskBlock))
     }
 
+    /// Whether `b` is free in both the committed and the current map: what
+    /// [`TransactionManager::data_find_free_from`] would say of `b` alone, without searching on.
+    pub fn data_is_free(&self, b: DiskBlock) -> Result<bool> {
+        Ok(self.sm_find_free_in(SmId::Data, b.0, b.0 + 1)? == Some(b.0))
+    }
+
     /// Allocates a data block free in both the committed and the current map (count 1).
     /// [`Error::DataSpaceExhausted`] leaves everything unchanged (the transaction stays usable).
     pub fn data_alloc(&mut self) -> Result<DiskBlock> {

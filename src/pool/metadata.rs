@@ -369,6 +369,11 @@ impl Metadata {
             .map(|b| DataBlock(b.0)))
     }
 
+    /// Whether `block` is free in both the committed and the current data space map.
+    pub(crate) fn data_block_is_free(&self, block: DataBlock) -> Result<bool> {
+        Ok(self.tm.data_is_free(DiskBlock(block.0))?)
+    }
+
     fn adjust_mapped(&mut self, dev: DevId, delta: i64) -> Result<()> {
         let mut d = self.existing_details(dev)?;
         d.mapped_blocks = d.mapped_blocks.saturating_add_signed(delta);

@@ -757,7 +757,7 @@ impl Pool {
         while out.len() < max.max(1) && next < total {
             let usable = !a.reserved.contains(&next)
                 && !a.quarantined.contains(&next)
-                && self.meta.find_free_data_block(next)? == Some(DataBlock(next));
+                && self.meta.data_block_is_free(DataBlock(next))?;
             if !usable {
                 break;
             }
@@ -767,10 +767,28 @@ impl Pool {
             });
             next += 1;
         }
-        if near.is_none() {
+        // The pool's cursor stays past every run handed out, hinted or not: the next search
+        // from it does not fill the gaps a volume leaves on purpose (the data layer places a
+        // volume's blocks by virtual address, see `volume::place`).
+        if near.is_none() || next > a.cursor {
             a.cursor = next;
         }
         Ok(out)
+    }
+
+    /// Reserves exactly `block` if it is usable (inside the pool, free in both space maps,
+    /// neither reserved nor waiting for its hole punch); `None` if it is not.
+    pub fn reserve_data_block_at(&self, block: DataBlock) -> Result<Option<Reservation>> {
+        let mut a = self.alloc.lock();
+        if block.0 >= self.meta.data_nr_blocks()
+            || a.reserved.contains(&block.0)
+            || a.quarantined.contains(&block.0)
+            || !self.meta.data_block_is_free(block)?
+        {
+            return Ok(None);
+        }
+        a.reserved.insert(block.0);
+        Ok(Some(Reservation { block }))
     }
 
     /// The first block at or after `from` (wrapping once) free in both space maps and neither
