@@ -39,7 +39,7 @@ mod sharing;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{IoSlice, IoSliceMut};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -89,6 +89,8 @@ struct DevState {
     /// Blocks reserved ahead in runs of consecutive blocks from the pool's cursor, handed out
     /// in order when a write's blocks cannot be placed by virtual address (`place.rs`).
     stash: Mutex<VecDeque<Stashed>>,
+    /// Runs placed by virtual address whose other slots are still reserved (`place.rs`).
+    groups: Mutex<place::OpenGroups>,
     /// Writes (and discards) hold it shared for their whole duration; a snapshot or delete of
     /// the device holds it exclusively, which drains in-flight writes and holds new ones.
     gate: tokio::sync::RwLock<()>,
@@ -149,6 +151,8 @@ struct Shared {
     /// lock for its I/O: tasks then go to the blocking pool at once instead of waiting
     /// briefly on a runtime worker (`read_pool`, `write_pool`).
     long_hold: AtomicBool,
+    /// Open groups of all devices (`place.rs`), bounded by `place::MAX_OPEN_GROUPS`.
+    open_groups: AtomicUsize,
     /// Mapping changes not yet committed.
     dirty: AtomicBool,
     /// Counts mapping insertions, so the committer knows whether data written for a mapping
@@ -292,6 +296,7 @@ impl VolumePool {
                 devs: Mutex::new(HashMap::new()),
                 less_shared: Mutex::new(LessShared::default()),
                 long_hold: AtomicBool::new(false),
+                open_groups: AtomicUsize::new(0),
                 dirty: AtomicBool::new(false),
                 inserts: AtomicU64::new(0),
                 commit_turn: tokio::sync::Mutex::new(()),
@@ -526,6 +531,7 @@ impl Shared {
             .or_insert_with(|| {
                 Arc::new(DevState {
                     stash: Mutex::new(VecDeque::new()),
+                    groups: Mutex::new(place::OpenGroups::default()),
                     gate: tokio::sync::RwLock::new(()),
                     snap_epoch: AtomicU64::new(0),
                     gone: AtomicBool::new(false),
@@ -773,7 +779,7 @@ impl Shared {
         state: &DevState,
         vbs: &[VirtBlock],
     ) -> DevResult<Vec<Stashed>> {
-        if let Some(placed) = self.place(pool, dev, vbs)? {
+        if let Some(placed) = self.place(pool, dev, state, vbs)? {
             return Ok(placed);
         }
         let n = vbs.len();
@@ -784,6 +790,7 @@ impl Shared {
                     for s in st.stash.lock().drain(..) {
                         pool.release_reservation(s.r);
                     }
+                    self.close_groups(pool, &st);
                 }
                 self.stash_run(self.reserve_run(pool, None, n)?)
             }
@@ -956,6 +963,7 @@ impl Shared {
                 for stashed in s.stash.lock().drain(..) {
                     pool.release_reservation(stashed.r);
                 }
+                me.close_groups(&pool, s);
                 s.gone.store(true, Ordering::Release);
                 me.cache.forget_device(d);
                 me.devs.lock().remove(&d);

@@ -2,12 +2,17 @@
 //!
 //! A volume's virtual blocks are taken in groups of [`PLACE_GROUP`] (1 MiB of 64 KiB blocks,
 //! aligned in the volume). The first fresh write into a group reserves a run of
-//! `PLACE_GROUP` consecutive free data blocks and takes the slot of its virtual block; the
-//! other slots are given back to the pool at once, but the pool's cursor has moved past the
-//! run, and every new run and stash starts from it, so later allocations do not fill the
-//! slots until the allocator wraps around. A later fresh write into the group finds the run's base from a mapping of the
-//! group already in the mapping cache and reserves its own slot, if that block is still
-//! usable.
+//! `PLACE_GROUP` consecutive free data blocks from the pool's cursor and takes the slot of
+//! its virtual block; the run's other slots stay reserved for the group in the device's
+//! table of open groups, with what one `SEEK_DATA` for the whole run said about their holes.
+//! Later fresh writes into the group take their slots from the table.
+//!
+//! The table is bounded ([`MAX_OPEN_GROUPS`] per pool): the oldest open group of the device
+//! gives its unused slots back when a new one needs room. The pool's cursor has moved past
+//! every run, and every new run and stash starts from it, so the slots of a closed group stay
+//! free for a while; a later write into such a group (or any group after a restart) finds the
+//! run's base from a mapping of the group in the mapping cache and reserves its slot if it is
+//! still usable (then one `SEEK_DATA` tells whether it is a hole).
 //!
 //! Why: blocks used to be handed out in arrival order (the device's stash), so a volume
 //! provisioned by random 4 KiB writes had its 1 MiB stretches scattered over the data file,
@@ -17,19 +22,28 @@
 //! gets contiguous groups of its own.
 //!
 //! Placement is a hint, never a correctness matter: any usable block is a correct choice, and
-//! when the slot is taken (by another device, or after a wrap-around), the pool is short of
-//! long free runs, or the group's base is not cached, the write falls back to the stash
-//! (`Shared::take_stashed`). Nothing of it is persistent; after a restart the bases come
-//! back with the mappings that the cache reloads.
+//! when a slot is taken (by another device, or after a wrap-around), the pool is short of
+//! long free runs, or the group's base is unknown, the write falls back to the stash
+//! (`Shared::take_stashed`). Nothing of it is persistent. Reserved slots are the pool's free
+//! space held back; when the pool runs out, every open group gives its slots back first
+//! (`Shared::take_blocks`).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
 
 use crate::pool::{Pool, PoolError, Reservation};
 use crate::units::{DataBlock, DevId, VirtBlock};
 
 use super::cache::Cached;
-use super::{DevResult, Shared, Stashed};
+use super::{DevResult, DevState, Shared, Stashed};
 
 /// Virtual blocks placed together: a group's blocks go to consecutive data blocks.
 pub(super) const PLACE_GROUP: u64 = 16;
+
+/// Open groups (with reserved slots) in the whole pool at most: 4 Ki groups hold at most
+/// 60 Ki blocks back (3.75 GiB of 64 KiB blocks), in about 2 MiB of memory, and cover a
+/// 4 GiB volume filled in random order.
+pub(super) const MAX_OPEN_GROUPS: usize = 4096;
 
 /// Distinct bases read from the cache that a group tries before it takes a new run (a group
 /// of a snapshot shows its origin's base, whose slots are taken, and its own).
@@ -38,6 +52,30 @@ const MAX_BASES: usize = 2;
 /// New runs tried when the first one found is shorter than a group.
 const RUN_TRIES: usize = 3;
 
+/// A device's open groups: the reserved, still unused slots of runs it placed.
+#[derive(Default)]
+pub(super) struct OpenGroups {
+    /// Group number → its slots (index = virtual block − the group's first).
+    groups: HashMap<u64, Vec<Option<Stashed>>>,
+    /// Group numbers in the order they were opened (may name groups already closed).
+    order: VecDeque<u64>,
+}
+
+impl OpenGroups {
+    /// Takes every reserved slot out (to give back to the pool); returns how many groups
+    /// were open.
+    pub(super) fn drain(&mut self) -> (usize, Vec<Reservation>) {
+        self.order.clear();
+        let n = self.groups.len();
+        let rs = self
+            .groups
+            .drain()
+            .flat_map(|(_, slots)| slots.into_iter().flatten().map(|s| s.r))
+            .collect();
+        (n, rs)
+    }
+}
+
 impl Shared {
     /// Data blocks for the fresh mappings of `vbs` (ascending virtual blocks of `dev`), each
     /// at its group's slot; `None` when some cannot be placed (then nothing is reserved).
@@ -45,9 +83,10 @@ impl Shared {
         &self,
         pool: &Pool,
         dev: DevId,
+        state: &DevState,
         vbs: &[VirtBlock],
     ) -> DevResult<Option<Vec<Stashed>>> {
-        let mut got: Vec<Reservation> = Vec::with_capacity(vbs.len());
+        let mut got: Vec<Stashed> = Vec::with_capacity(vbs.len());
         let mut rest = vbs;
         while let Some(first) = rest.first() {
             let group = first.0 / PLACE_GROUP;
@@ -55,31 +94,34 @@ impl Shared {
                 .iter()
                 .take_while(|v| v.0 / PLACE_GROUP == group)
                 .count();
-            let placed = match self.place_group(pool, dev, group, &rest[..n]) {
-                Ok(Some(rs)) => rs,
+            match self.place_group(pool, dev, state, group, &rest[..n]) {
+                Ok(Some(placed)) => got.extend(placed),
                 other => {
-                    for r in got {
-                        pool.release_reservation(r);
+                    for s in got {
+                        pool.release_reservation(s.r);
                     }
                     return other.map(|_| None);
                 }
-            };
-            got.extend(placed);
+            }
             rest = &rest[n..];
         }
-        self.stash_run(got).map(Some)
+        Ok(Some(got))
     }
 
-    /// [`place`](Shared::place) for the virtual blocks `vbs`, all in `group`: at the slots of
-    /// a base the cache suggests, else in a new run.
+    /// [`place`](Shared::place) for the virtual blocks `vbs`, all in `group`: from the open
+    /// group, else at the slots of a base the cache suggests, else in a new run.
     fn place_group(
         &self,
         pool: &Pool,
         dev: DevId,
+        state: &DevState,
         group: u64,
         vbs: &[VirtBlock],
-    ) -> DevResult<Option<Vec<Reservation>>> {
+    ) -> DevResult<Option<Vec<Stashed>>> {
         let first = group * PLACE_GROUP;
+        if let Some(got) = self.take_open(state, group, vbs) {
+            return Ok(Some(got));
+        }
         let mut bases: Vec<u64> = Vec::with_capacity(MAX_BASES);
         for u in first..first + PLACE_GROUP {
             let Some(Cached::Mapped { block, .. }) = self.cache.get(dev, VirtBlock(u)) else {
@@ -92,7 +134,7 @@ impl Shared {
                 continue;
             }
             if let Some(rs) = reserve_slots(pool, base, first, vbs)? {
-                return Ok(Some(rs));
+                return self.stash_run(rs).map(Some);
             }
             bases.push(base);
             if bases.len() == MAX_BASES {
@@ -109,22 +151,18 @@ impl Shared {
                 Err(PoolError::NoDataSpace { .. }) => return Ok(None),
                 Err(e) => return Err(e.into()),
             };
-            let (start, last) = match (run.first(), run.last()) {
-                (Some(f), Some(l)) => (f.block().0, l.block()),
-                _ => return Ok(None),
+            let Some(last) = run.last().map(|r| r.block()) else {
+                return Ok(None);
             };
             if run.len() as u64 == PLACE_GROUP {
-                let mut kept = Vec::with_capacity(vbs.len());
-                let mut wanted = vbs.iter().map(|v| start + (v.0 - first)).peekable();
-                for r in run {
-                    if wanted.peek() == Some(&r.block().0) {
-                        wanted.next();
-                        kept.push(r);
-                    } else {
-                        pool.release_reservation(r);
-                    }
-                }
-                return Ok(Some(kept));
+                let mut slots: Vec<Option<Stashed>> =
+                    self.stash_run(run)?.into_iter().map(Some).collect();
+                let got = vbs
+                    .iter()
+                    .filter_map(|v| slots[(v.0 - first) as usize].take())
+                    .collect();
+                self.open_group(pool, state, group, slots);
+                return Ok(Some(got));
             }
             near = Some(DataBlock(last.0 + 1));
             for r in run {
@@ -132,6 +170,70 @@ impl Shared {
             }
         }
         Ok(None)
+    }
+
+    /// The slots of `vbs` from the device's open `group`, if it is open and has them all
+    /// (else it takes none).
+    fn take_open(&self, state: &DevState, group: u64, vbs: &[VirtBlock]) -> Option<Vec<Stashed>> {
+        let first = group * PLACE_GROUP;
+        let mut open = state.groups.lock();
+        let slots = open.groups.get_mut(&group)?;
+        if !vbs.iter().all(|v| slots[(v.0 - first) as usize].is_some()) {
+            return None;
+        }
+        let got: Vec<Stashed> = vbs
+            .iter()
+            .filter_map(|v| slots[(v.0 - first) as usize].take())
+            .collect();
+        if slots.iter().all(Option::is_none) {
+            open.groups.remove(&group);
+            self.open_groups.fetch_sub(1, Ordering::AcqRel);
+        }
+        Some(got)
+    }
+
+    /// Keeps the unused `slots` of a new run for `group`, closing the device's oldest open
+    /// group if the pool has [`MAX_OPEN_GROUPS`] open; gives them back if none can close.
+    fn open_group(&self, pool: &Pool, state: &DevState, group: u64, slots: Vec<Option<Stashed>>) {
+        if slots.iter().all(Option::is_none) {
+            return;
+        }
+        let mut open = state.groups.lock();
+        while self.open_groups.load(Ordering::Acquire) >= MAX_OPEN_GROUPS {
+            let Some(oldest) = open.order.pop_front() else {
+                break;
+            };
+            if let Some(old) = open.groups.remove(&oldest) {
+                self.open_groups.fetch_sub(1, Ordering::AcqRel);
+                for s in old.into_iter().flatten() {
+                    pool.release_reservation(s.r);
+                }
+            }
+        }
+        if self.open_groups.load(Ordering::Acquire) >= MAX_OPEN_GROUPS {
+            for s in slots.into_iter().flatten() {
+                pool.release_reservation(s.r);
+            }
+            return;
+        }
+        if let Some(stale) = open.groups.insert(group, slots) {
+            // Two writes opened the group at once: the first run's slots go back.
+            for s in stale.into_iter().flatten() {
+                pool.release_reservation(s.r);
+            }
+        } else {
+            self.open_groups.fetch_add(1, Ordering::AcqRel);
+        }
+        open.order.push_back(group);
+    }
+
+    /// Gives every open group's slots of `state`'s device back to the pool.
+    pub(super) fn close_groups(&self, pool: &Pool, state: &DevState) {
+        let (n, rs) = state.groups.lock().drain();
+        self.open_groups.fetch_sub(n, Ordering::AcqRel);
+        for r in rs {
+            pool.release_reservation(r);
+        }
     }
 }
 
