@@ -185,3 +185,78 @@ fn out_of_metadata_space_fails_cleanly_and_resumes_after_growth() {
     drop(vp);
     thin_check(&dir.path().join("metadata")).unwrap();
 }
+
+/// Blocks held back for the groups placed by virtual address (`volume/place.rs`) are the
+/// pool's free space: a pool whose every free block is such a slot still takes writes
+/// anywhere, until every block is mapped.
+#[test]
+fn slots_held_for_placed_groups_go_back_before_enospc() {
+    const DATA_BLOCKS: u64 = 48;
+    const VOL: u64 = 96 * BS;
+    let dir = tempfile::tempdir().unwrap();
+    let pool = Pool::create(dir.path(), &create_opts(DATA_BLOCKS, 2 << 20)).unwrap();
+    let vp = VolumePool::open(pool, 1024).unwrap();
+    let rt = runtime();
+    rt.block_on(async {
+        vp.create_volume("a", VOL).await.unwrap();
+        let a = vp.volume("a").unwrap();
+        let mut model = vec![0u8; VOL as usize];
+        let mut write = async |v: u64, id: u64| {
+            let data = pattern(id, 4096);
+            let off = v * BS + 512;
+            let r = a.write(off, &[IoSlice::new(&data)], false).await;
+            if r.is_ok() {
+                model[off as usize..off as usize + 4096].copy_from_slice(&data);
+            }
+            r
+        };
+        // One block in each of three groups: their runs take the whole pool.
+        for (i, v) in [0u64, 16, 32].into_iter().enumerate() {
+            write(v, i as u64).await.unwrap();
+        }
+        // Every other block of the pool goes to other groups, one by one.
+        for v in 48..48 + DATA_BLOCKS - 3 {
+            write(v, v)
+                .await
+                .unwrap_or_else(|e| panic!("block {v}: {e}"));
+        }
+        let e = write(1, 1000).await.unwrap_err();
+        assert!(is_enospc(&e), "{e}");
+        a.flush().await.unwrap();
+        assert_eq!(vp.pool().status().unwrap().data_used_blocks, DATA_BLOCKS);
+        assert_eq!(read_all(&a, VOL).await, model);
+        uthin_check_volumes(&vp).unwrap();
+    });
+    drop(vp);
+    thin_check(&dir.path().join("metadata")).unwrap();
+}
+
+/// Deleting a volume gives the slots held for its placed groups back: another volume can
+/// then use every block of the pool.
+#[test]
+fn deleting_a_volume_gives_its_group_slots_back() {
+    const DATA_BLOCKS: u64 = 48;
+    let dir = tempfile::tempdir().unwrap();
+    let pool = Pool::create(dir.path(), &create_opts(DATA_BLOCKS, 2 << 20)).unwrap();
+    let vp = VolumePool::open(pool, 1024).unwrap();
+    let rt = runtime();
+    rt.block_on(async {
+        vp.create_volume("a", 64 * BS).await.unwrap();
+        vp.create_volume("b", 64 * BS).await.unwrap();
+        let a = vp.volume("a").unwrap();
+        for v in [0u64, 16, 32] {
+            a.write(v * BS, &[IoSlice::new(&[1u8; 4096])], false)
+                .await
+                .unwrap();
+        }
+        vp.delete_volume("a").await.unwrap();
+        vp.commit().await.unwrap();
+        let b = vp.volume("b").unwrap();
+        let data = pattern(7, DATA_BLOCKS * BS);
+        b.write(0, &[IoSlice::new(&data)], true).await.unwrap();
+        assert_eq!(read_all(&b, DATA_BLOCKS * BS).await, data);
+        uthin_check_volumes(&vp).unwrap();
+    });
+    drop(vp);
+    thin_check(&dir.path().join("metadata")).unwrap();
+}
