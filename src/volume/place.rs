@@ -57,7 +57,8 @@ const RUN_TRIES: usize = 3;
 pub(super) struct OpenGroups {
     /// Group number → its slots (index = virtual block − the group's first).
     groups: HashMap<u64, Vec<Option<Stashed>>>,
-    /// Group numbers in the order they were opened (may name groups already closed).
+    /// Group numbers in the order they were opened (may name groups already closed, at most
+    /// about as many as are open).
     order: VecDeque<u64>,
 }
 
@@ -225,6 +226,12 @@ impl Shared {
             self.open_groups.fetch_add(1, Ordering::AcqRel);
         }
         open.order.push_back(group);
+        // Groups closed by use stay named in `order` until they come up for closing; keep
+        // that list proportional to the open groups, not to the volume.
+        if open.order.len() > 2 * open.groups.len() + 64 {
+            let OpenGroups { groups, order } = &mut *open;
+            order.retain(|g| groups.contains_key(g));
+        }
     }
 
     /// Gives every open group's slots of `state`'s device back to the pool.
