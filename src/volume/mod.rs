@@ -147,10 +147,10 @@ struct Shared {
     /// trusted for them (`sharing.rs`). Changed under the pool's write lock, read under its
     /// read lock.
     less_shared: Mutex<LessShared>,
-    /// Set while a commit or a pool operation holds (or is about to take) the pool's write
-    /// lock for its I/O: tasks then go to the blocking pool at once instead of waiting
-    /// briefly on a runtime worker (`read_pool`, `write_pool`).
-    long_hold: AtomicBool,
+    /// How many commits or pool operations hold or wait for the pool's write lock for their
+    /// I/O: while any do, tasks go to the blocking pool at once instead of waiting briefly on
+    /// a runtime worker (`read_pool`, `write_pool`).
+    long_hold: AtomicUsize,
     /// Open groups of all devices (`place.rs`), bounded by `place::MAX_OPEN_GROUPS`.
     open_groups: AtomicUsize,
     /// Mapping changes not yet committed.
@@ -172,7 +172,7 @@ struct Shared {
 /// The pool's write lock held by a long holder ([`Shared::write_long`]).
 struct LongWrite<'a> {
     guard: RwLockWriteGuard<'a, Pool>,
-    flag: &'a AtomicBool,
+    holders: &'a AtomicUsize,
 }
 
 impl std::ops::Deref for LongWrite<'_> {
@@ -190,9 +190,9 @@ impl std::ops::DerefMut for LongWrite<'_> {
 
 impl Drop for LongWrite<'_> {
     fn drop(&mut self) {
-        // Lowered while the lock is still held; another long holder waiting behind us
-        // raised it before waiting and raises it again below (it is only a hint).
-        self.flag.store(false, Ordering::Release);
+        // Counted down while the lock is still held: a quick user that sees 0 and waits
+        // briefly finds the lock free in a moment (or gives up after the wait).
+        self.holders.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -295,7 +295,7 @@ impl VolumePool {
                 grace: Grace::new(),
                 devs: Mutex::new(HashMap::new()),
                 less_shared: Mutex::new(LessShared::default()),
-                long_hold: AtomicBool::new(false),
+                long_hold: AtomicUsize::new(0),
                 open_groups: AtomicUsize::new(0),
                 dirty: AtomicBool::new(false),
                 inserts: AtomicU64::new(0),
@@ -558,12 +558,13 @@ impl Shared {
     }
 
     /// Runs `f` under the pool's read lock. The lock's other holders are short (a lookup,
-    /// an insert: microseconds) or long (a commit or pool operation doing its I/O, flagged by
-    /// `long_hold`). Against a short holder the runtime worker waits briefly, which costs
-    /// less than the two thread switches of the blocking pool (measured: fresh 4 KiB writes
-    /// through the page cache +6–10 %, `cargo bench --bench volume -- --only fresh-4k`);
-    /// against a long one, or when the brief wait runs out, `f` runs on the blocking pool so
-    /// the workers keep serving requests that need no lock (cached reads and overwrites).
+    /// an insert: microseconds) or long (a commit or pool operation doing its I/O, counted
+    /// in `long_hold`). Against a short holder the runtime worker waits briefly instead of
+    /// paying the blocking pool's two thread switches (one interleaved A/B of fresh 4 KiB
+    /// writes through the page cache: +6–10 %; a second could not tell them apart,
+    /// docs/volume.md); against a long one, or when the brief wait runs out, `f` runs on the
+    /// blocking pool so the workers keep serving requests that need no lock (cached reads
+    /// and overwrites).
     /// `f` does all its own bookkeeping: it completes even if the caller is cancelled.
     async fn read_pool<R, F>(self: &Arc<Self>, f: F) -> DevResult<R>
     where
@@ -603,7 +604,7 @@ impl Shared {
     /// The pool's read lock now, or after a brief wait unless a long holder has it.
     fn read_quickly(&self) -> Option<RwLockReadGuard<'_, Pool>> {
         self.pool.try_read().or_else(|| {
-            (!self.long_hold.load(Ordering::Acquire))
+            (self.long_hold.load(Ordering::Acquire) == 0)
                 .then(|| self.pool.try_read_for(QUICK_LOCK_WAIT))
                 .flatten()
         })
@@ -612,20 +613,20 @@ impl Shared {
     /// [`read_quickly`](Shared::read_quickly) with the write lock.
     fn write_quickly(&self) -> Option<RwLockWriteGuard<'_, Pool>> {
         self.pool.try_write().or_else(|| {
-            (!self.long_hold.load(Ordering::Acquire))
+            (self.long_hold.load(Ordering::Acquire) == 0)
                 .then(|| self.pool.try_write_for(QUICK_LOCK_WAIT))
                 .flatten()
         })
     }
 
-    /// The pool's write lock for a long holder (blocking; call on the blocking pool): raises
-    /// `long_hold` before waiting, so that quick lock users stop waiting on workers, and
-    /// lowers it when the guard drops.
+    /// The pool's write lock for a long holder (blocking; call on the blocking pool): counts
+    /// itself in `long_hold` before waiting, so that quick lock users stop waiting on
+    /// workers, and out when the guard drops.
     fn write_long(&self) -> LongWrite<'_> {
-        self.long_hold.store(true, Ordering::Release);
+        self.long_hold.fetch_add(1, Ordering::AcqRel);
         LongWrite {
             guard: self.pool.write(),
-            flag: &self.long_hold,
+            holders: &self.long_hold,
         }
     }
 
