@@ -360,6 +360,18 @@ impl Metadata {
         }))
     }
 
+    /// The first mapping of `dev` at or after `vblock`: its virtual and its data block.
+    pub(crate) fn next_mapping(
+        &self,
+        dev: DevId,
+        vblock: VirtBlock,
+    ) -> Result<Option<(VirtBlock, DataBlock)>> {
+        let root = self.device_root(dev)?;
+        Ok(BlockTree::open(root)
+            .lookup_ge(&self.tm, vblock.0)?
+            .map(|(k, raw)| (VirtBlock(k), BlockTime::unpack(raw).block)))
+    }
+
     /// The first data block at or after `from` that is free in both the committed and the
     /// current data space map.
     pub(crate) fn find_free_data_block(&self, from: u64) -> Result<Option<DataBlock>> {

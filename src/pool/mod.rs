@@ -727,6 +727,16 @@ impl Pool {
         self.meta.lookup(dev, vblock)
     }
 
+    /// The first mapping of `dev` at or after `vblock` (one descent of its tree): its virtual
+    /// and its data block.
+    pub fn next_mapping(
+        &self,
+        dev: DevId,
+        vblock: VirtBlock,
+    ) -> Result<Option<(VirtBlock, DataBlock)>> {
+        self.meta.next_mapping(dev, vblock)
+    }
+
     /// Reserves a free data block (in memory only). Fails with [`PoolError::NoDataSpace`]
     /// (ENOSPC) when none is left; nothing else changes.
     pub fn reserve_data_block(&self) -> Result<Reservation> {

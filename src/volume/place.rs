@@ -11,8 +11,9 @@
 //! gives its unused slots back when a new one needs room. The pool's cursor has moved past
 //! every run, and every new run and stash starts from it, so the slots of a closed group stay
 //! free for a while; a later write into such a group (or any group after a restart) finds the
-//! run's base from a mapping of the group in the mapping cache and reserves its slot if it is
-//! still usable (then one `SEEK_DATA` tells whether it is a hole).
+//! run's base from a mapping of the group in the mapping cache, else from the group's first
+//! mapping in the tree, and reserves its slot if it is still usable (then one `SEEK_DATA`
+//! tells whether it is a hole).
 //!
 //! Why: blocks used to be handed out in arrival order (the device's stash), so a volume
 //! provisioned by random 4 KiB writes had its 1 MiB stretches scattered over the data file,
@@ -110,7 +111,8 @@ impl Shared {
     }
 
     /// [`place`](Shared::place) for the virtual blocks `vbs`, all in `group`: from the open
-    /// group, else at the slots of a base the cache suggests, else in a new run.
+    /// group, else at the slots of a base the cache (or, with nothing cached, the tree)
+    /// suggests, else in a new run.
     fn place_group(
         &self,
         pool: &Pool,
@@ -140,6 +142,17 @@ impl Shared {
             bases.push(base);
             if bases.len() == MAX_BASES {
                 break;
+            }
+        }
+        if bases.is_empty() {
+            // Nothing of the group cached (after a restart, or evicted): ask the tree for
+            // the group's first mapping, one descent.
+            if let Some((u, block)) = pool.next_mapping(dev, VirtBlock(first))?
+                && u.0 < first + PLACE_GROUP
+                && let Some(base) = block.0.checked_sub(u.0 - first)
+                && let Some(rs) = reserve_slots(pool, base, first, vbs)?
+            {
+                return self.stash_run(rs).map(Some);
             }
         }
         // From the pool's cursor, which is past every run handed out (and moves past this
