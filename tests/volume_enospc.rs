@@ -11,7 +11,9 @@ use uthin::device::{BlockDevice, DevError};
 use uthin::pool::{CreateOptions, Pool, PoolError};
 use uthin::units::VirtBlock;
 use uthin::volume::{Drain, Volume, VolumePool};
-use volume_common::{BS, create_opts, pattern, runtime, thin_check, uthin_check_volumes};
+use volume_common::{
+    BS, create_opts, pattern, runtime, small_volume_pool, thin_check, uthin_check_volumes,
+};
 
 /// Reads the whole of `len` bytes of `v`.
 async fn read_all(v: &Volume, len: u64) -> Vec<u8> {
@@ -28,9 +30,7 @@ fn is_enospc(e: &DevError) -> bool {
 fn out_of_data_space_fails_cleanly_and_resumes_after_growth() {
     const DATA_BLOCKS: u64 = 48;
     const VOL: u64 = 96 * BS;
-    let dir = tempfile::tempdir().unwrap();
-    let pool = Pool::create(dir.path(), &create_opts(DATA_BLOCKS, 2 << 20)).unwrap();
-    let vp = VolumePool::open(pool, 1024).unwrap();
+    let (dir, vp) = small_volume_pool(DATA_BLOCKS);
     let rt = runtime();
     rt.block_on(async {
         vp.create_volume("a", VOL).await.unwrap();
@@ -193,9 +193,7 @@ fn out_of_metadata_space_fails_cleanly_and_resumes_after_growth() {
 fn slots_held_for_placed_groups_go_back_before_enospc() {
     const DATA_BLOCKS: u64 = 48;
     const VOL: u64 = 96 * BS;
-    let dir = tempfile::tempdir().unwrap();
-    let pool = Pool::create(dir.path(), &create_opts(DATA_BLOCKS, 2 << 20)).unwrap();
-    let vp = VolumePool::open(pool, 1024).unwrap();
+    let (dir, vp) = small_volume_pool(DATA_BLOCKS);
     let rt = runtime();
     rt.block_on(async {
         vp.create_volume("a", VOL).await.unwrap();
@@ -236,9 +234,7 @@ fn slots_held_for_placed_groups_go_back_before_enospc() {
 #[test]
 fn deleting_a_volume_gives_its_group_slots_back() {
     const DATA_BLOCKS: u64 = 48;
-    let dir = tempfile::tempdir().unwrap();
-    let pool = Pool::create(dir.path(), &create_opts(DATA_BLOCKS, 2 << 20)).unwrap();
-    let vp = VolumePool::open(pool, 1024).unwrap();
+    let (dir, vp) = small_volume_pool(DATA_BLOCKS);
     let rt = runtime();
     rt.block_on(async {
         vp.create_volume("a", 64 * BS).await.unwrap();

@@ -11,7 +11,7 @@ use uthin::device::BlockDevice;
 use uthin::pool::Pool;
 use uthin::units::{DevId, VirtBlock};
 use uthin::volume::VolumePool;
-use volume_common::{BS, create_opts, pattern, runtime, thin_check, uthin_check_volumes};
+use volume_common::{BS, pattern, runtime, small_volume_pool, thin_check, uthin_check_volumes};
 
 const DATA_BLOCKS: u64 = 512;
 const VOL: u64 = 128 * BS;
@@ -32,9 +32,7 @@ fn assert_about(bytes: u64, blocks: u64, what: &str) {
 
 #[test]
 fn allocated_space_tracks_mapped_blocks_and_comes_back() {
-    let dir = tempfile::tempdir().unwrap();
-    let pool = Pool::create(dir.path(), &create_opts(DATA_BLOCKS, 2 << 20)).unwrap();
-    let vp = VolumePool::open(pool, 1024).unwrap();
+    let (dir, vp) = small_volume_pool(DATA_BLOCKS);
     let rt = runtime();
     rt.block_on(async {
         vp.create_volume("a", VOL).await.unwrap();
@@ -138,9 +136,7 @@ fn assert_groups_consecutive(map: &[u64], what: &str) {
 
 #[test]
 fn random_writes_place_each_group_on_consecutive_blocks() {
-    let dir = tempfile::tempdir().unwrap();
-    let pool = Pool::create(dir.path(), &create_opts(DATA_BLOCKS, 2 << 20)).unwrap();
-    let vp = VolumePool::open(pool, 1024).unwrap();
+    let (dir, vp) = small_volume_pool(DATA_BLOCKS);
     let rt = runtime();
     let blocks = VOL / BS;
     rt.block_on(async {
@@ -211,9 +207,7 @@ fn random_writes_place_each_group_on_consecutive_blocks() {
 /// still goes to the group's run: its base comes from the tree.
 #[test]
 fn groups_stay_consecutive_across_a_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let pool = Pool::create(dir.path(), &create_opts(DATA_BLOCKS, 2 << 20)).unwrap();
-    let vp = VolumePool::open(pool, 1024).unwrap();
+    let (dir, vp) = small_volume_pool(DATA_BLOCKS);
     let rt = runtime();
     let blocks = VOL / BS;
     // Even blocks first, odd ones after the restart, each half in a shuffled order.

@@ -788,15 +788,21 @@ impl Shared {
             Err(DevError::NoSpace(_)) => {
                 let states: Vec<Arc<DevState>> = self.devs.lock().values().cloned().collect();
                 for st in states {
-                    for s in st.stash.lock().drain(..) {
-                        pool.release_reservation(s.r);
-                    }
-                    self.close_groups(pool, &st);
+                    self.give_back_reserved(pool, &st);
                 }
                 self.stash_run(self.reserve_run(pool, None, n)?)
             }
             r => r,
         }
+    }
+
+    /// Gives every block `state`'s device holds in reserve back to the pool: its stash and
+    /// the slots of its open groups.
+    fn give_back_reserved(&self, pool: &Pool, state: &DevState) {
+        for s in state.stash.lock().drain(..) {
+            pool.release_reservation(s.r);
+        }
+        self.close_groups(pool, state);
     }
 
     async fn commit(self: &Arc<Self>) -> DevResult<()> {
@@ -961,10 +967,7 @@ impl Shared {
                 me.dirty.store(true, Ordering::SeqCst);
             }
             if let (Drain::Delete(d), Some(s), Ok(_)) = (drain, &st, &r) {
-                for stashed in s.stash.lock().drain(..) {
-                    pool.release_reservation(stashed.r);
-                }
-                me.close_groups(&pool, s);
+                me.give_back_reserved(&pool, s);
                 s.gone.store(true, Ordering::Release);
                 me.cache.forget_device(d);
                 me.devs.lock().remove(&d);

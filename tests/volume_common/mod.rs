@@ -24,6 +24,14 @@ pub fn create_opts(data_blocks: u64, metadata_bytes: u64) -> CreateOptions {
     }
 }
 
+/// A new pool of `data_blocks` data blocks and 2 MiB of metadata in a temporary directory,
+/// open for the data path with a mapping cache of 1024 entries.
+pub fn small_volume_pool(data_blocks: u64) -> (tempfile::TempDir, VolumePool) {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = Pool::create(dir.path(), &create_opts(data_blocks, 2 << 20)).unwrap();
+    (dir, VolumePool::open(pool, 1024).unwrap())
+}
+
 /// The bytes a write with id `id` puts at position `i` of its buffer: never zero, different
 /// from one write to the next, so a misplaced or lost write shows.
 pub fn pattern(id: u64, len: u64) -> Vec<u8> {
