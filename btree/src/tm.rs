@@ -465,6 +465,14 @@ impl TransactionManager {
         Ok((guard, shared))
     }
 
+    /// Whether the next [`shadow`](Self::shadow) of `b` writes it in place: `b` was allocated
+    /// in this transaction and nobody took another reference on it since. A B-tree whose root
+    /// is such a block keeps its root block through any insert (a full root splits beneath
+    /// itself), so a parent pointing at it needs no change.
+    pub fn writes_in_place(&self, b: MetaBlock) -> bool {
+        self.shadows.contains(&b.0)
+    }
+
     /// Takes one more reference on metadata block `b`.
     pub fn inc(&mut self, b: MetaBlock) -> Result<()> {
         self.check_live()?;
@@ -556,6 +564,21 @@ impl TransactionManager {
         let r = self.sm_inc(SmId::Data, b.0);
         self.poison_on_err(r)?;
         self.after_change()
+    }
+
+    /// Takes data block `b` from no reference to one, as [`data_inc`](Self::data_inc) does,
+    /// with one count lookup for the check and the change. Returns `false` (and changes
+    /// nothing) when `b` already has references.
+    pub fn data_inc_free(&mut self, b: DiskBlock) -> Result<bool> {
+        self.check_live()?;
+        let old = self.sm_get(SmId::Data, b.0)?;
+        if old != 0 {
+            return Ok(false);
+        }
+        let r = self.sm_set(SmId::Data, b.0, 0, 1);
+        self.poison_on_err(r)?;
+        self.after_change()?;
+        Ok(true)
     }
 
     /// Releases one reference on data block `b`.

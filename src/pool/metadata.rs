@@ -410,10 +410,13 @@ impl Metadata {
         if vblock.0 > u64::MAX - 1 {
             return Err(PoolError::OutOfRange { dev, vblock });
         }
-        self.device_root(dev)?;
+        let (root, top_in_place) = self
+            .top()
+            .lookup_in_place(&self.tm, u64::from(dev.0))?
+            .ok_or(PoolError::NoSuchDevice(dev.0))?;
         self.check_metadata_space()?;
-        let count = self.data_count(block)?;
-        if count != 0 {
+        if !self.tm.data_inc_free(DiskBlock(block.0))? {
+            let count = self.data_count(block)?;
             return Err(PoolError::InvalidArgument(format!(
                 "{block} is not free (count {count}): it was not reserved"
             )));
@@ -424,9 +427,27 @@ impl Metadata {
             time: self.sb.time,
         }
         .pack();
-        self.tm.data_inc(DiskBlock(block.0))?;
-        let old = self.insert_packed(dev, vblock, &value)?;
-        let old = old.ok_or(PoolError::NoSuchDevice(dev.0))?;
+        let old = if top_in_place && self.tm.writes_in_place(root) {
+            // The device's tree, and the top-level path to it, were changed in this
+            // transaction already and nothing shares them since (the common case under a
+            // write load): the root is written in place and keeps its block, so the top-level
+            // tree already points at it and needs no change. (With the top-level path shared,
+            // by a metadata snapshot say, the path must be copied first, which counts the old
+            // root's new sharer before the root is changed: `insert_packed`.)
+            let mut tree = BlockTree::open(root);
+            let old = tree.insert(&mut self.tm, vblock.0, &value)?;
+            if tree.root() != root {
+                return Err(uthin_btree::Error::Internal(format!(
+                    "the mapping tree of {dev} moved from {root} to {} on an insert in place",
+                    tree.root()
+                ))
+                .into());
+            }
+            old
+        } else {
+            self.insert_packed(dev, vblock, &value)?
+                .ok_or(PoolError::NoSuchDevice(dev.0))?
+        };
         if old.is_none() {
             self.adjust_mapped(dev, 1)?;
         }

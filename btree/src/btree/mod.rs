@@ -59,6 +59,16 @@ impl<V: ValueType> std::fmt::Debug for BTree<V> {
     }
 }
 
+/// What a lookup also finds out about the nodes on its path.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PathCheck {
+    None,
+    /// Whether any has a reference count above one.
+    Shared,
+    /// Whether all are written in place by the next change.
+    InPlace,
+}
+
 fn node_at<'a>(nr: MetaBlock, data: &'a crate::Block, vs: usize) -> Result<Node<'a>> {
     Node::new(nr, data, vs)
 }
@@ -120,7 +130,19 @@ impl<V: ValueType> BTree<V> {
 
     /// The value stored under `key`.
     pub fn lookup(&self, tm: &TransactionManager, key: u64) -> Result<Option<V::Value>> {
-        Ok(self.lookup_inner(tm, key, false)?.map(|(v, _)| v))
+        Ok(self.lookup_inner(tm, key, PathCheck::None)?.map(|(v, _)| v))
+    }
+
+    /// The value stored under `key`, and whether every node on the path from the root to its
+    /// leaf is written in place by the next change
+    /// ([`TransactionManager::writes_in_place`]): then changing what the value points at
+    /// in place needs no change to this tree, since no copy of the path can see it.
+    pub fn lookup_in_place(
+        &self,
+        tm: &TransactionManager,
+        key: u64,
+    ) -> Result<Option<(V::Value, bool)>> {
+        self.lookup_inner(tm, key, PathCheck::InPlace)
     }
 
     /// The value stored under `key`, and whether any node on the path from the root to its leaf
@@ -131,26 +153,33 @@ impl<V: ValueType> BTree<V> {
         tm: &TransactionManager,
         key: u64,
     ) -> Result<Option<(V::Value, bool)>> {
-        self.lookup_inner(tm, key, true)
+        self.lookup_inner(tm, key, PathCheck::Shared)
     }
 
+    /// A lookup that also answers `check` about the path (false for [`PathCheck::None`]).
     fn lookup_inner(
         &self,
         tm: &TransactionManager,
         key: u64,
-        counts: bool,
+        check: PathCheck,
     ) -> Result<Option<(V::Value, bool)>> {
         let mut b = self.root;
-        let mut shared = false;
+        let mut flag = check == PathCheck::InPlace;
         for _ in 0..MAX_DEPTH {
-            if counts && !shared {
-                shared = tm.ref_count(b)? > 1;
+            match check {
+                PathCheck::None => {}
+                PathCheck::Shared => {
+                    if !flag {
+                        flag = tm.ref_count(b)? > 1;
+                    }
+                }
+                PathCheck::InPlace => flag = flag && tm.writes_in_place(b),
             }
             let data = Self::read(tm, b)?;
             let n = node_at(b, &data, V::SIZE)?;
             if n.h.leaf {
                 return Ok(match n.search(key) {
-                    Ok(i) => Some((V::unpack(n.value(i)), shared)),
+                    Ok(i) => Some((V::unpack(n.value(i)), flag)),
                     Err(_) => None,
                 });
             }

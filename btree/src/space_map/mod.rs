@@ -364,7 +364,7 @@ impl TransactionManager {
         }
     }
 
-    fn sm_set(&mut self, id: SmId, b: u64, old: u32, new: u32) -> Result<()> {
+    pub(crate) fn sm_set(&mut self, id: SmId, b: u64, old: u32, new: u32) -> Result<()> {
         let sm = self.sm_mut(id)?;
         sm.overlay.insert(b, new);
         if old == 0 && new > 0 {
