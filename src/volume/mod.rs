@@ -31,6 +31,7 @@
 //!   transaction (`sharing.rs`).
 
 mod cache;
+mod combine;
 mod grace;
 mod inflight;
 mod pieces;
@@ -153,6 +154,8 @@ struct Shared {
     long_hold: AtomicUsize,
     /// Open groups of all devices (`place.rs`), bounded by `place::MAX_OPEN_GROUPS`.
     open_groups: AtomicUsize,
+    /// Mapping inserts queued for one task to apply under one write lock (`combine.rs`).
+    combiner: combine::Combiner,
     /// Mapping changes not yet committed.
     dirty: AtomicBool,
     /// Counts mapping insertions, so the committer knows whether data written for a mapping
@@ -297,6 +300,7 @@ impl VolumePool {
                 less_shared: Mutex::new(LessShared::default()),
                 long_hold: AtomicUsize::new(0),
                 open_groups: AtomicUsize::new(0),
+                combiner: Default::default(),
                 dirty: AtomicBool::new(false),
                 inserts: AtomicU64::new(0),
                 commit_turn: tokio::sync::Mutex::new(()),
@@ -1282,7 +1286,7 @@ impl Volume {
             inserts.push((i, ps[i].vblock, old, r));
         }
         let (dev, state) = (self.dev, self.state.clone());
-        sh.write_pool(move |sh, pool| {
+        sh.write_pool_combined(move |sh, pool| {
             let mut retry = Vec::new();
             let mut failure: Option<DevError> = None;
             // Only an unmap can have changed these mappings since we looked (we hold their
