@@ -1136,6 +1136,41 @@ impl Volume {
         Ok(())
     }
 
+    /// The plan of a round whose blocks are all unmapped with their slots waiting in the
+    /// device's open groups (`place.rs`), made without the pool lock: every piece is fresh.
+    /// The cache's "unmapped" is trusted here because the caller holds the blocks' in-flight
+    /// slots: only a write maps a block, and the cache hears of every mapping change under the
+    /// lock that makes it. Returns `None` (nothing taken) when any block does not qualify.
+    fn plan_fresh_unlocked(&self, vbs: &[VirtBlock]) -> Option<(Vec<Plan>, Reserved, u64)> {
+        let sh = &self.shared;
+        // Read first: an unmap that runs after this makes the insert look again.
+        let discards = self.state.discards.load(Ordering::Acquire);
+        if !vbs
+            .iter()
+            .all(|&v| sh.cache.get(self.dev, v) == Some(Cached::Unmapped))
+        {
+            return None;
+        }
+        let got = sh.take_open(&self.state, vbs)?;
+        let mut reserved = Reserved {
+            shared: sh.clone(),
+            list: Vec::with_capacity(got.len()),
+            holes: Vec::with_capacity(got.len()),
+        };
+        for s in got {
+            reserved.list.push(Some(s.r));
+            reserved.holes.push(s.hole);
+        }
+        if reserved.list.len() != vbs.len() {
+            return None;
+        }
+        Some((
+            (0..vbs.len()).map(Plan::Fresh).collect(),
+            reserved,
+            discards,
+        ))
+    }
+
     /// One round of [`write_slow`](Volume::write_slow) over the pieces `todo`: decide each
     /// piece from a fresh lookup, reserve what is needed (all or nothing: ENOSPC changes
     /// nothing), write the data in runs of consecutive blocks, then map the new blocks.
@@ -1153,52 +1188,57 @@ impl Volume {
         // One trip under the read lock: look every piece up (the cache may say "shared" when
         // the sharer has gone, so always ask the pool here), decide, reserve what is needed.
         let (dev, state, me) = (self.dev, self.state.clone(), sh.clone());
-        let (plans, mut reserved, discards) = sh
-            .read_pool(move |sh, pool| {
-                let discards = state.discards.load(Ordering::Acquire);
-                let epoch = state.snap_epoch.load(Ordering::Acquire);
-                let mut fresh = 0usize;
-                let mut fresh_vbs = Vec::new();
-                let mut plans = Vec::with_capacity(vbs.len());
-                for v in vbs {
-                    let c = sh.lookup_locked(pool, dev, &state, v)?;
-                    sh.cache.put(dev, v, c);
-                    plans.push(match c {
-                        Cached::Mapped {
-                            block,
-                            exclusive: true,
-                            epoch: e,
-                        } if e == epoch => Plan::InPlace(block),
-                        Cached::Mapped { block, .. } => {
-                            fresh += 1;
-                            fresh_vbs.push(v);
-                            Plan::Copy {
-                                old: block,
-                                k: fresh - 1,
+        let planned = match self.plan_fresh_unlocked(&vbs) {
+            Some(planned) => planned,
+            None => {
+                sh.read_pool(move |sh, pool| {
+                    let discards = state.discards.load(Ordering::Acquire);
+                    let epoch = state.snap_epoch.load(Ordering::Acquire);
+                    let mut fresh = 0usize;
+                    let mut fresh_vbs = Vec::new();
+                    let mut plans = Vec::with_capacity(vbs.len());
+                    for v in vbs {
+                        let c = sh.lookup_locked(pool, dev, &state, v)?;
+                        sh.cache.put(dev, v, c);
+                        plans.push(match c {
+                            Cached::Mapped {
+                                block,
+                                exclusive: true,
+                                epoch: e,
+                            } if e == epoch => Plan::InPlace(block),
+                            Cached::Mapped { block, .. } => {
+                                fresh += 1;
+                                fresh_vbs.push(v);
+                                Plan::Copy {
+                                    old: block,
+                                    k: fresh - 1,
+                                }
                             }
-                        }
-                        Cached::Unmapped => {
-                            fresh += 1;
-                            fresh_vbs.push(v);
-                            Plan::Fresh(fresh - 1)
-                        }
-                    });
-                }
-                // Held by a guard from here on: released even if our caller is cancelled.
-                let mut reserved = Reserved {
-                    shared: me,
-                    list: Vec::with_capacity(fresh),
-                    holes: Vec::with_capacity(fresh),
-                };
-                if fresh > 0 {
-                    for s in sh.take_blocks(pool, dev, &state, &fresh_vbs)? {
-                        reserved.list.push(Some(s.r));
-                        reserved.holes.push(s.hole);
+                            Cached::Unmapped => {
+                                fresh += 1;
+                                fresh_vbs.push(v);
+                                Plan::Fresh(fresh - 1)
+                            }
+                        });
                     }
-                }
-                Ok((plans, reserved, discards))
-            })
-            .await?;
+                    // Held by a guard from here on: released even if our caller is cancelled.
+                    let mut reserved = Reserved {
+                        shared: me,
+                        list: Vec::with_capacity(fresh),
+                        holes: Vec::with_capacity(fresh),
+                    };
+                    if fresh > 0 {
+                        for s in sh.take_blocks(pool, dev, &state, &fresh_vbs)? {
+                            reserved.list.push(Some(s.r));
+                            reserved.holes.push(s.hole);
+                        }
+                    }
+                    Ok((plans, reserved, discards))
+                })
+                .await?
+            }
+        };
+        let (plans, mut reserved, discards) = planned;
         let fresh = reserved.list.len();
         let new_block = |k: usize| -> DevResult<DataBlock> { Ok(reserved.block(k)?.0) };
         // Copies of partially written shared blocks: the old block with the write laid over

@@ -122,7 +122,7 @@ impl Shared {
         vbs: &[VirtBlock],
     ) -> DevResult<Option<Vec<Stashed>>> {
         let first = group * PLACE_GROUP;
-        if let Some(got) = self.take_open(state, group, vbs) {
+        if let Some(got) = self.take_open(state, vbs) {
             return Ok(Some(got));
         }
         let mut bases: Vec<u64> = Vec::with_capacity(MAX_BASES);
@@ -144,15 +144,20 @@ impl Shared {
                 break;
             }
         }
+        // Whether the tree says no block of the group is mapped.
+        let mut empty = false;
         if bases.is_empty() {
             // Nothing of the group cached (after a restart, or evicted): ask the tree for
             // the group's first mapping, one descent.
-            if let Some((u, block)) = pool.next_mapping(dev, VirtBlock(first))?
-                && u.0 < first + PLACE_GROUP
-                && let Some(base) = block.0.checked_sub(u.0 - first)
-                && let Some(rs) = reserve_slots(pool, base, first, vbs)?
-            {
-                return self.stash_run(rs).map(Some);
+            match pool.next_mapping(dev, VirtBlock(first))? {
+                Some((u, block)) if u.0 < first + PLACE_GROUP => {
+                    if let Some(base) = block.0.checked_sub(u.0 - first)
+                        && let Some(rs) = reserve_slots(pool, base, first, vbs)?
+                    {
+                        return self.stash_run(rs).map(Some);
+                    }
+                }
+                _ => empty = true,
             }
         }
         // From the pool's cursor, which is past every run handed out (and moves past this
@@ -176,6 +181,17 @@ impl Shared {
                     .filter_map(|v| slots[(v.0 - first) as usize].take())
                     .collect();
                 self.open_group(pool, state, group, slots);
+                if empty {
+                    // Under the read lock, so true now, and kept true by the cache's rule
+                    // (every mapping change updates it): the group's other blocks are
+                    // unmapped. A later fresh write into the group then needs no pool lock
+                    // at all (`Volume::plan_fresh_unlocked`).
+                    for u in first..first + PLACE_GROUP {
+                        if !vbs.iter().any(|v| v.0 == u) {
+                            self.cache.put(dev, VirtBlock(u), Cached::Unmapped);
+                        }
+                    }
+                }
                 return Ok(Some(got));
             }
             near = Some(DataBlock(last.0 + 1));
@@ -186,22 +202,32 @@ impl Shared {
         Ok(None)
     }
 
-    /// The slots of `vbs` from the device's open `group`, if it is open and has them all
-    /// (else it takes none).
-    fn take_open(&self, state: &DevState, group: u64, vbs: &[VirtBlock]) -> Option<Vec<Stashed>> {
-        let first = group * PLACE_GROUP;
+    /// The slots of `vbs` (ascending, distinct) from the device's open groups, if every one
+    /// of them is waiting there (else it takes none). Needs no pool lock: the slots are the
+    /// device's own reservations.
+    pub(super) fn take_open(&self, state: &DevState, vbs: &[VirtBlock]) -> Option<Vec<Stashed>> {
         let mut open = state.groups.lock();
-        let slots = open.groups.get_mut(&group)?;
-        if !vbs.iter().all(|v| slots[(v.0 - first) as usize].is_some()) {
+        let waiting = |open: &OpenGroups, v: &VirtBlock| {
+            open.groups
+                .get(&(v.0 / PLACE_GROUP))
+                .is_some_and(|slots| slots[(v.0 % PLACE_GROUP) as usize].is_some())
+        };
+        if !vbs.iter().all(|v| waiting(&open, v)) {
             return None;
         }
-        let got: Vec<Stashed> = vbs
-            .iter()
-            .filter_map(|v| slots[(v.0 - first) as usize].take())
-            .collect();
-        if slots.iter().all(Option::is_none) {
-            open.groups.remove(&group);
-            self.open_groups.fetch_sub(1, Ordering::AcqRel);
+        let mut got = Vec::with_capacity(vbs.len());
+        for v in vbs {
+            let group = v.0 / PLACE_GROUP;
+            let Some(slots) = open.groups.get_mut(&group) else {
+                continue;
+            };
+            if let Some(s) = slots[(v.0 % PLACE_GROUP) as usize].take() {
+                got.push(s);
+            }
+            if slots.iter().all(Option::is_none) {
+                open.groups.remove(&group);
+                self.open_groups.fetch_sub(1, Ordering::AcqRel);
+            }
         }
         Some(got)
     }
