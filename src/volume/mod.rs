@@ -11,7 +11,9 @@
 //!   on consecutive data blocks go out as one vectored syscall.
 //! - **First write to an unmapped block**: reserve a data block, make sure it reads as zeros (a
 //!   `SEEK_DATA`, normally), write only the bytes given, then insert the mapping under the
-//!   write lock. **Write to a shared block**: reserve, copy the old block (skipped when the
+//!   write lock (one acquisition for all the inserts queued at that moment: `combine.rs`;
+//!   into a group opened on an empty stretch, the block and its slot are known without
+//!   the pool lock: `place.rs`). **Write to a shared block**: reserve, copy the old block (skipped when the
 //!   write covers it whole), apply the write, insert. The mapping is inserted only after the
 //!   data is written, and a commit syncs the data before the metadata, so a durable mapping
 //!   never points at data that is not (invariant 3). The blocks of one request are reserved
