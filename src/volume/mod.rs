@@ -13,8 +13,8 @@
 //!   `SEEK_DATA`, normally), write only the bytes given, then insert the mapping under the
 //!   write lock (one acquisition for all the inserts queued at that moment: `combine.rs`;
 //!   into a group opened on an empty stretch, the block and its slot are known without
-//!   the pool lock: `place.rs`). **Write to a shared block**: reserve, copy the old block (skipped when the
-//!   write covers it whole), apply the write, insert. The mapping is inserted only after the
+//!   the pool lock: `place.rs`). **Write to a shared block**: reserve, copy the old block
+//!   (skipped when the write covers it whole), apply the write, insert. The mapping is inserted only after the
 //!   data is written, and a commit syncs the data before the metadata, so a durable mapping
 //!   never points at data that is not (invariant 3). The blocks of one request are reserved
 //!   together and come out consecutive, so its pieces still coalesce.
@@ -1187,8 +1187,9 @@ impl Volume {
         let bs = sh.block_size;
         let _io = sh.grace.enter();
         let vbs: Vec<VirtBlock> = todo.iter().map(|&i| ps[i].vblock).collect();
-        // One trip under the read lock: look every piece up (the cache may say "shared" when
-        // the sharer has gone, so always ask the pool here), decide, reserve what is needed.
+        // Fresh blocks with their slots waiting need no lock at all. Else one trip under the
+        // read lock: look every piece up (the cache may say "shared" when the sharer has
+        // gone, so always ask the pool here), decide, reserve what is needed.
         let (dev, state, me) = (self.dev, self.state.clone(), sh.clone());
         let planned = match self.plan_fresh_unlocked(&vbs) {
             Some(planned) => planned,

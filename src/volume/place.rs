@@ -5,7 +5,10 @@
 //! `PLACE_GROUP` consecutive free data blocks from the pool's cursor and takes the slot of
 //! its virtual block; the run's other slots stay reserved for the group in the device's
 //! table of open groups, with what one `SEEK_DATA` for the whole run said about their holes.
-//! Later fresh writes into the group take their slots from the table.
+//! Later fresh writes into the group take their slots from the table. When the tree said the
+//! group was empty as it opened, its other blocks are cached as unmapped at once (under the
+//! read lock), so those later writes plan themselves with no pool lock at all
+//! (`Volume::plan_fresh_unlocked`).
 //!
 //! The table is bounded ([`MAX_OPEN_GROUPS`] per pool): the oldest open group of the device
 //! gives its unused slots back when a new one needs room. The pool's cursor has moved past
