@@ -93,7 +93,10 @@ trap stop_server EXIT
 start_target() {
     local t=$1
     PORT=$((PORT + 1))
+    # The previous target's files go (their dirty pages are dropped, not written back) and the
+    # disk settles, so that no target pays for another's page cache.
     rm -rf "$DIR/store"
+    sync
     mkdir -p "$DIR/store"
     case $t in
     mem)

@@ -14,9 +14,11 @@
 #   vhost-mem  examples/vhost-serve on a MemDevice (sparse memory, copies through a buffer)
 #   qsd-disk   qemu-storage-daemon, raw file in $BENCH_DIR, aio=io_uring, cache.direct=on
 #              (issue 7's reference)
+#   qsd-buffered qemu-storage-daemon, raw file in $BENCH_DIR, aio=io_uring, cache.direct=off:
+#              through the page cache, the like-for-like peer of uthin's default mode
 #   qsd-shm    qemu-storage-daemon, raw file in /dev/shm, aio=io_uring (tmpfs has no
 #              O_DIRECT): qsd's vhost layer over memory, the fair peer of vhost-mem
-# Ratios printed: uthin / qsd-disk, uthin-direct / qsd-disk, vhost-null / qsd-null and vhost-mem / qsd-shm. Null peers
+# Ratios printed: uthin / qsd-disk, uthin-direct / qsd-disk, uthin / qsd-buffered, vhost-null / qsd-null and vhost-mem / qsd-shm. Null peers
 # store nothing, so their data is not verified.
 #
 # Environment: BENCH_DIR (default: a directory under /var/tmp, on a real disk file system).
@@ -70,6 +72,14 @@ stop_server() {
     fi
 }
 
+# Removes the stopped peer's storage and syncs, so that the next peer does not pay for this
+# one's dirty pages (a deleted file's dirty pages are dropped, not written back). Without it, a
+# page-cache peer's gigabytes of dirty data were written back during the next peer's run.
+drop_storage() {
+    rm -rf "$WORK/qsd.img" "$WORK/pool" "$SHM/qsd.img"
+    sync
+}
+
 wait_socket() {
     local i=0
     while [ ! -S "$1" ]; do
@@ -119,6 +129,7 @@ start_peer() {
         SOCKET=$WORK/qsd.sock
         ;;
     qsd-disk) start_qsd "$WORK/qsd.img" on ;;
+    qsd-buffered) start_qsd "$WORK/qsd.img" off ;;
     qsd-shm) start_qsd "$SHM/qsd.img" off ;;
     uthin | uthin-direct)
         local cache=writeback
@@ -150,6 +161,7 @@ for round in $(seq 1 "$ROUNDS"); do
         echo "$out" | awk -v p="$peer" '/^RESULT/ {print p, $2, $3, $4}' >>"$RESULTS"
         log "round $round $peer: $(echo "$out" | awk '/^RESULT/ {printf "%s=%s ", $2, $3}')"
         stop_server
+        drop_storage
     done
 done
 
@@ -181,5 +193,6 @@ ratio() { # ratio A B
 }
 case " $PEERS " in *" uthin "*) case " $PEERS " in *" qsd-disk "*) ratio uthin qsd-disk ;; esac ;; esac
 case " $PEERS " in *" uthin-direct "*) case " $PEERS " in *" qsd-disk "*) ratio uthin-direct qsd-disk ;; esac ;; esac
+case " $PEERS " in *" uthin "*) case " $PEERS " in *" qsd-buffered "*) ratio uthin qsd-buffered ;; esac ;; esac
 case " $PEERS " in *" vhost-null "*) case " $PEERS " in *" qsd-null "*) ratio vhost-null qsd-null ;; esac ;; esac
 case " $PEERS " in *" vhost-mem "*) case " $PEERS " in *" qsd-shm "*) ratio vhost-mem qsd-shm ;; esac ;; esac
