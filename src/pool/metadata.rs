@@ -410,10 +410,7 @@ impl Metadata {
         if vblock.0 > u64::MAX - 1 {
             return Err(PoolError::OutOfRange { dev, vblock });
         }
-        let (root, top_in_place) = self
-            .top()
-            .lookup_in_place(&self.tm, u64::from(dev.0))?
-            .ok_or(PoolError::NoSuchDevice(dev.0))?;
+        let tree = self.mapping_tree(dev)?;
         self.check_metadata_space()?;
         if !self.tm.data_inc_free(DiskBlock(block.0))? {
             let count = self.data_count(block)?;
@@ -427,51 +424,64 @@ impl Metadata {
             time: self.sb.time,
         }
         .pack();
-        let old = if top_in_place && self.tm.writes_in_place(root) {
-            // The device's tree, and the top-level path to it, were changed in this
-            // transaction already and nothing shares them since (the common case under a
-            // write load): the root is written in place and keeps its block, so the top-level
-            // tree already points at it and needs no change. (With the top-level path shared,
-            // by a metadata snapshot say, the path must be copied first, which counts the old
-            // root's new sharer before the root is changed: `insert_packed`.)
-            let mut tree = BlockTree::open(root);
-            let old = tree.insert(&mut self.tm, vblock.0, &value)?;
-            if tree.root() != root {
-                return Err(uthin_btree::Error::Internal(format!(
-                    "the mapping tree of {dev} moved from {root} to {} on an insert in place",
-                    tree.root()
-                ))
-                .into());
-            }
-            old
-        } else {
-            self.insert_packed(dev, vblock, &value)?
-                .ok_or(PoolError::NoSuchDevice(dev.0))?
-        };
+        let old = self.insert_packed(dev, tree, vblock, &value)?;
         if old.is_none() {
             self.adjust_mapped(dev, 1)?;
         }
         Ok(old.map(|raw| BlockTime::unpack(raw).block))
     }
 
-    /// Inserts a packed block-and-time value at `vblock` in `dev`'s mapping tree (shadowing
-    /// the path, updating the top-level tree's root); returns `None` when `dev` has no tree,
-    /// else the value it replaced. Reference counts are the caller's business.
+    /// Where `dev`'s mapping tree is, for [`insert_packed`](Metadata::insert_packed).
+    fn mapping_tree(&self, dev: DevId) -> Result<MappingTree> {
+        let (root, path_in_place) = self
+            .top()
+            .lookup_in_place(&self.tm, u64::from(dev.0))?
+            .ok_or(PoolError::NoSuchDevice(dev.0))?;
+        Ok(MappingTree {
+            root,
+            in_place: path_in_place && self.tm.writes_in_place(root),
+        })
+    }
+
+    /// Inserts a packed block-and-time value at `vblock` in `dev`'s mapping tree `tree` (from
+    /// [`mapping_tree`](Metadata::mapping_tree), with nothing changed since); returns the value
+    /// it replaced. Reference counts are the caller's business.
+    ///
+    /// When the tree and the top-level path to it were changed in this transaction already
+    /// and nothing shares them since (the common case under a write load, and during a
+    /// restore), the root is written in place and keeps its block, so the top-level tree
+    /// already points at it and needs no change. Otherwise the top-level path is copied first
+    /// (dm-thin's order): with that path shared, by a metadata snapshot say, copying it counts
+    /// the old root's new sharer before the root is changed.
     fn insert_packed(
         &mut self,
         dev: DevId,
+        tree: MappingTree,
         vblock: VirtBlock,
         value: &u64,
-    ) -> Result<Option<Option<u64>>> {
+    ) -> Result<Option<u64>> {
+        if tree.in_place {
+            let mut bt = BlockTree::open(tree.root);
+            let old = bt.insert(&mut self.tm, vblock.0, value)?;
+            if bt.root() != tree.root {
+                return Err(uthin_btree::Error::Internal(format!(
+                    "the mapping tree of {dev} moved from {} to {} on an insert in place",
+                    tree.root,
+                    bt.root()
+                ))
+                .into());
+            }
+            return Ok(old);
+        }
         let mut top = self.top();
         let old = top.update_value(&mut self.tm, u64::from(dev.0), |tm, root| {
-            let mut tree = BlockTree::open(*root);
-            let old = tree.insert(tm, vblock.0, value)?;
-            *root = tree.root();
+            let mut bt = BlockTree::open(*root);
+            let old = bt.insert(tm, vblock.0, value)?;
+            *root = bt.root();
             Ok(old)
         })?;
         self.sb.data_mapping_root = top.root().0;
-        Ok(old)
+        old.ok_or(PoolError::NoSuchDevice(dev.0))
     }
 
     /// Unmaps `[begin, end)` of `dev`.
@@ -541,17 +551,16 @@ impl Metadata {
                 self.data_nr_blocks()
             )));
         }
+        let tree = self.mapping_tree(dev)?;
         self.changed = true;
         self.tm.data_inc(DiskBlock(bt.block.0))?;
         let value = bt.pack();
-        let old = self.insert_packed(dev, vblock, &value)?;
-        match old {
-            None => Err(PoolError::NoSuchDevice(dev.0)),
-            Some(Some(_)) => Err(PoolError::InvalidArgument(format!(
+        match self.insert_packed(dev, tree, vblock, &value)? {
+            Some(_) => Err(PoolError::InvalidArgument(format!(
                 "device {}: {vblock} is mapped twice",
                 dev.0
             ))),
-            Some(None) => Ok(()),
+            None => Ok(()),
         }
     }
 
@@ -691,6 +700,14 @@ impl Metadata {
         }
         Ok(freed)
     }
+}
+
+/// A device's mapping tree as [`Metadata::mapping_tree`] found it.
+#[derive(Clone, Copy)]
+struct MappingTree {
+    root: MetaBlock,
+    /// An insert goes into the tree in place, leaving the top-level tree as it is.
+    in_place: bool,
 }
 
 fn corrupt_root(e: uthin_btree::Error, what: &str) -> PoolError {

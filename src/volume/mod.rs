@@ -14,9 +14,9 @@
 //!   write lock (one acquisition for all the inserts queued at that moment: `combine.rs`;
 //!   into a group opened on an empty stretch, the block and its slot are known without
 //!   the pool lock: `place.rs`). **Write to a shared block**: reserve, copy the old block
-//!   (skipped when the write covers it whole), apply the write, insert. The mapping is inserted only after the
-//!   data is written, and a commit syncs the data before the metadata, so a durable mapping
-//!   never points at data that is not (invariant 3). The blocks of one request are reserved
+//!   (skipped when the write covers it whole), apply the write, insert. The mapping is
+//!   inserted only after the data is written, and a commit syncs the data before the
+//!   metadata, so a durable mapping never points at data that is not (invariant 3). The blocks of one request are reserved
 //!   together and come out consecutive, so its pieces still coalesce.
 //! - Writes that must provision or copy hold the in-flight slots of their blocks; writes to
 //!   different blocks never wait for each other (invariant 9).
@@ -247,6 +247,17 @@ struct Reserved {
 }
 
 impl Reserved {
+    /// Holds `blocks` (from `take_blocks` or the open groups): from here on they go back to
+    /// the pool unless an insert consumes them.
+    fn new(shared: Arc<Shared>, blocks: Vec<Stashed>) -> Reserved {
+        let (list, holes) = blocks.into_iter().map(|s| (Some(s.r), s.hole)).unzip();
+        Reserved {
+            shared,
+            list,
+            holes,
+        }
+    }
+
     fn take(&mut self, k: usize) -> Option<Reservation> {
         self.list.get_mut(k).and_then(Option::take)
     }
@@ -273,6 +284,10 @@ impl Drop for Reserved {
         }
     }
 }
+
+/// A write round's plan: what to do with each piece, the blocks reserved for the fresh ones
+/// and copies (indexed by the plans' `k`), and the device's discard count when it was made.
+type RoundPlan = (Vec<Plan>, Reserved, u64);
 
 /// What one round of a write does with one piece.
 #[derive(Debug, Clone, Copy)]
@@ -1143,7 +1158,7 @@ impl Volume {
     /// The cache's "unmapped" is trusted here because the caller holds the blocks' in-flight
     /// slots: only a write maps a block, and the cache hears of every mapping change under the
     /// lock that makes it. Returns `None` (nothing taken) when any block does not qualify.
-    fn plan_fresh_unlocked(&self, vbs: &[VirtBlock]) -> Option<(Vec<Plan>, Reserved, u64)> {
+    fn plan_fresh_unlocked(&self, vbs: &[VirtBlock]) -> Option<RoundPlan> {
         let sh = &self.shared;
         // Read first: an unmap that runs after this makes the insert look again.
         let discards = self.state.discards.load(Ordering::Acquire);
@@ -1153,16 +1168,7 @@ impl Volume {
         {
             return None;
         }
-        let got = sh.take_open(&self.state, vbs)?;
-        let mut reserved = Reserved {
-            shared: sh.clone(),
-            list: Vec::with_capacity(got.len()),
-            holes: Vec::with_capacity(got.len()),
-        };
-        for s in got {
-            reserved.list.push(Some(s.r));
-            reserved.holes.push(s.hole);
-        }
+        let reserved = Reserved::new(sh.clone(), sh.take_open(&self.state, vbs)?);
         if reserved.list.len() != vbs.len() {
             return None;
         }
@@ -1171,6 +1177,48 @@ impl Volume {
             reserved,
             discards,
         ))
+    }
+
+    /// The plan of a round from one trip under the pool's read lock: look every block up
+    /// (the cache may say "shared" when the sharer has gone, so always ask the pool here),
+    /// decide, and reserve what is needed.
+    async fn plan_locked(&self, vbs: Vec<VirtBlock>) -> DevResult<RoundPlan> {
+        let (dev, state, me) = (self.dev, self.state.clone(), self.shared.clone());
+        self.shared
+            .read_pool(move |sh, pool| {
+                let discards = state.discards.load(Ordering::Acquire);
+                let epoch = state.snap_epoch.load(Ordering::Acquire);
+                let mut fresh_vbs = Vec::new();
+                let mut plans = Vec::with_capacity(vbs.len());
+                for v in vbs {
+                    let c = sh.lookup_locked(pool, dev, &state, v)?;
+                    sh.cache.put(dev, v, c);
+                    let k = fresh_vbs.len();
+                    plans.push(match c {
+                        Cached::Mapped {
+                            block,
+                            exclusive: true,
+                            epoch: e,
+                        } if e == epoch => Plan::InPlace(block),
+                        Cached::Mapped { block, .. } => {
+                            fresh_vbs.push(v);
+                            Plan::Copy { old: block, k }
+                        }
+                        Cached::Unmapped => {
+                            fresh_vbs.push(v);
+                            Plan::Fresh(k)
+                        }
+                    });
+                }
+                let blocks = if fresh_vbs.is_empty() {
+                    Vec::new()
+                } else {
+                    sh.take_blocks(pool, dev, &state, &fresh_vbs)?
+                };
+                // Held by a guard from here on: released even if our caller is cancelled.
+                Ok((plans, Reserved::new(me, blocks), discards))
+            })
+            .await
     }
 
     /// One round of [`write_slow`](Volume::write_slow) over the pieces `todo`: decide each
@@ -1187,61 +1235,12 @@ impl Volume {
         let bs = sh.block_size;
         let _io = sh.grace.enter();
         let vbs: Vec<VirtBlock> = todo.iter().map(|&i| ps[i].vblock).collect();
-        // Fresh blocks with their slots waiting need no lock at all. Else one trip under the
-        // read lock: look every piece up (the cache may say "shared" when the sharer has
-        // gone, so always ask the pool here), decide, reserve what is needed.
-        let (dev, state, me) = (self.dev, self.state.clone(), sh.clone());
-        let planned = match self.plan_fresh_unlocked(&vbs) {
+        // Fresh blocks with their slots waiting need no lock at all; else one trip under the
+        // read lock.
+        let (plans, mut reserved, discards) = match self.plan_fresh_unlocked(&vbs) {
             Some(planned) => planned,
-            None => {
-                sh.read_pool(move |sh, pool| {
-                    let discards = state.discards.load(Ordering::Acquire);
-                    let epoch = state.snap_epoch.load(Ordering::Acquire);
-                    let mut fresh = 0usize;
-                    let mut fresh_vbs = Vec::new();
-                    let mut plans = Vec::with_capacity(vbs.len());
-                    for v in vbs {
-                        let c = sh.lookup_locked(pool, dev, &state, v)?;
-                        sh.cache.put(dev, v, c);
-                        plans.push(match c {
-                            Cached::Mapped {
-                                block,
-                                exclusive: true,
-                                epoch: e,
-                            } if e == epoch => Plan::InPlace(block),
-                            Cached::Mapped { block, .. } => {
-                                fresh += 1;
-                                fresh_vbs.push(v);
-                                Plan::Copy {
-                                    old: block,
-                                    k: fresh - 1,
-                                }
-                            }
-                            Cached::Unmapped => {
-                                fresh += 1;
-                                fresh_vbs.push(v);
-                                Plan::Fresh(fresh - 1)
-                            }
-                        });
-                    }
-                    // Held by a guard from here on: released even if our caller is cancelled.
-                    let mut reserved = Reserved {
-                        shared: me,
-                        list: Vec::with_capacity(fresh),
-                        holes: Vec::with_capacity(fresh),
-                    };
-                    if fresh > 0 {
-                        for s in sh.take_blocks(pool, dev, &state, &fresh_vbs)? {
-                            reserved.list.push(Some(s.r));
-                            reserved.holes.push(s.hole);
-                        }
-                    }
-                    Ok((plans, reserved, discards))
-                })
-                .await?
-            }
+            None => self.plan_locked(vbs).await?,
         };
-        let (plans, mut reserved, discards) = planned;
         let fresh = reserved.list.len();
         let new_block = |k: usize| -> DevResult<DataBlock> { Ok(reserved.block(k)?.0) };
         // Copies of partially written shared blocks: the old block with the write laid over
