@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::iov::{Iovecs, offload};
+use super::iov::{Iovecs, WriteQueue, offload};
 use super::uring::Ring;
 use super::{AlignedBuf, BUF_ALIGN};
 
@@ -183,6 +183,8 @@ pub(crate) struct RealFile {
     nowait_reads: AtomicBool,
     /// Set in [`CacheMode::Direct`].
     direct: Option<DirectIo>,
+    /// Buffered writes waiting for, or running on, the file's writer threads.
+    writes: Arc<WriteQueue>,
 }
 
 fn fd_of(f: &File) -> i32 {
@@ -227,6 +229,7 @@ impl RealFile {
             kind,
             nowait_reads: AtomicBool::new(true),
             direct,
+            writes: Arc::default(),
         })
     }
 
@@ -300,8 +303,11 @@ impl RealFile {
             return d.write(off, bufs).await;
         }
         // Buffered writes may block on writeback or on the file system's journal, and ext4
-        // refuses RWF_NOWAIT for buffered writes (EOPNOTSUPP), so they go to the pool.
-        offload(&self.file, Iovecs::for_write(bufs), off).await
+        // refuses RWF_NOWAIT for buffered writes (EOPNOTSUPP), so they go to the pool, queued
+        // for the file's writer threads (`WriteQueue`).
+        self.writes
+            .offload(&self.file, Iovecs::for_write(bufs), off)
+            .await
     }
 
     pub(crate) async fn sync(&self) -> io::Result<()> {
