@@ -176,7 +176,7 @@ impl<'a> Iovecs<'a> {
 
 // SAFETY: an `Iovecs<'a>` stands for `&'a mut` borrows of byte buffers, which are Send; the raw
 // pointers only lose that because the compiler cannot see the borrow. For the `'static` form
-// sent to a pool thread, `Offloaded` keeps the buffers alive and unaliased (see `offload`).
+// sent to a pool thread, `Offloaded` keeps the buffers alive and unaliased (see `prepare`).
 unsafe impl Send for Iovecs<'_> {}
 
 /// Set when the pool thread no longer touches the buffers: after the syscalls, or when the job
