@@ -217,7 +217,8 @@ fn prepare<'a>(file: &Arc<File>, iov: Iovecs<'a>, off: u64) -> (Job, Offloaded<'
     // is awaited to completion or dropped (cancelled) half way. The one way around this is to
     // leak the future (`mem::forget` of a polled future), which nothing in uthin does; callers
     // outside the crate only see futures that own an `Offloaded` and drop it normally.
-    let iov: Iovecs<'static> = unsafe { std::mem::transmute::<Iovecs<'a>, Iovecs<'static>>(iov) };
+    let mut iov: Iovecs<'static> =
+        unsafe { std::mem::transmute::<Iovecs<'a>, Iovecs<'static>>(iov) };
     let finished = Arc::new(Finished {
         done: Mutex::new(false),
         cv: Condvar::new(),
@@ -225,7 +226,6 @@ fn prepare<'a>(file: &Arc<File>, iov: Iovecs<'a>, off: u64) -> (Job, Offloaded<'
     let guard = FinishGuard(finished.clone());
     let (tx, rx) = tokio::sync::oneshot::channel();
     let file = file.clone();
-    let mut iov = iov;
     let job: Job = Box::new(move || {
         let r = iov.transfer_all(file.as_raw_fd(), off);
         // The buffers are no longer touched: release the borrow before reporting.
@@ -300,10 +300,8 @@ impl WriteQueue {
 }
 
 /// One writer thread's turn, counted in `writers`. Its work is done in `Drop`, so that it
-/// happens however the turn ends: run by the pool thread (the normal case), dropped unrun at
-/// runtime shutdown (the queued writes then run on the dropping thread), or unwinding (the
-/// jobs left are dropped: their guards end the borrows, their senders report the failure).
-/// The last look at the queue and the count going down happen under one lock, so a job
+/// happens however the turn ends: run by the pool thread (the normal case) or dropped unrun
+/// at runtime shutdown (the queued writes then run on the dropping thread). The last look at the queue and the count going down happen under one lock, so a job
 /// queued after that look finds `writers` lowered and starts a new writer.
 struct Writer(Arc<WriteQueue>);
 
@@ -316,11 +314,7 @@ impl Drop for Writer {
                 return;
             };
             drop(s);
-            if std::thread::panicking() {
-                drop(job);
-            } else {
-                job();
-            }
+            job();
         }
     }
 }

@@ -170,7 +170,7 @@ mod tests {
             data_size: 64 * 65536,
             block_size: 65536,
             metadata_size: Some(2 << 20),
-            force: false,
+            ..Default::default()
         };
         let pool = Pool::create(dir.path(), &opts).unwrap();
         let vp = VolumePool::open(pool, 64).unwrap();

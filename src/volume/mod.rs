@@ -16,8 +16,9 @@
 //!   the pool lock: `place.rs`). **Write to a shared block**: reserve, copy the old block
 //!   (skipped when the write covers it whole), apply the write, insert. The mapping is
 //!   inserted only after the data is written, and a commit syncs the data before the
-//!   metadata, so a durable mapping never points at data that is not (invariant 3). The blocks of one request are reserved
-//!   together and come out consecutive, so its pieces still coalesce.
+//!   metadata, so a durable mapping never points at data that is not (invariant 3). The
+//!   blocks of one request are reserved together and come out consecutive, so its pieces
+//!   still coalesce.
 //! - Writes that must provision or copy hold the in-flight slots of their blocks; writes to
 //!   different blocks never wait for each other (invariant 9).
 //! - **Flush / FUA**: group commit. fdatasync(data) without any lock (up to three passes while
@@ -1168,10 +1169,8 @@ impl Volume {
         {
             return None;
         }
+        // All of the slots or none (`take_open`), so one block per piece.
         let reserved = Reserved::new(sh.clone(), sh.take_open(&self.state, vbs)?);
-        if reserved.list.len() != vbs.len() {
-            return None;
-        }
         Some((
             (0..vbs.len()).map(Plan::Fresh).collect(),
             reserved,
