@@ -22,7 +22,8 @@
 //! The engine (why reads go inline with `RWF_NOWAIT` and writes to a thread pool) is measured
 //! and explained in docs/io-engines.md, as is [`CacheMode::Direct`], where every transfer is
 //! `O_DIRECT` through io_uring (`uring.rs`) from page-aligned buffers ([`AlignedBuf`]) or
-//! through a bounce buffer.
+//! through a bounce buffer. An event-loop thread that polls many transfers (a vhost-user queue
+//! thread) can give them a [`ThreadRing`] of its own, which it reaps itself.
 
 mod aligned;
 mod file;
@@ -39,6 +40,7 @@ use crate::units::DataBlock;
 pub use aligned::{AlignedBuf, BUF_ALIGN};
 pub use file::{CacheMode, StorageKind};
 pub use model::{DataModel, PowerLoss};
+pub use uring::{Entered, ThreadRing};
 
 use file::RealFile;
 

@@ -3,7 +3,7 @@
 //!
 //! All integers are big-endian. Decoders here only split bytes into fields and check magic
 //! numbers; what the fields *mean* (is this option well formed, is this request in range) is
-//! decided once, up front, in [`super::options`] and [`super::request`].
+//! decided once, up front, in the `options` and `request` modules next to this one.
 
 use std::fmt;
 
