@@ -10,7 +10,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::iov::{Iovecs, WriteQueue, offload};
 use super::uring::Ring;
@@ -185,6 +185,13 @@ pub(crate) struct RealFile {
     direct: Option<DirectIo>,
     /// Buffered writes waiting for, or running on, the file's writer threads.
     writes: Arc<WriteQueue>,
+    /// No byte at or past this offset holds data (regular files): found when the file is
+    /// opened ([`data_end`]) and raised before every write into the file. A hole check past
+    /// it needs no `SEEK_DATA`, which matters because `SEEK_DATA` waits for ext4's inode lock,
+    /// held by every buffered write in flight, and the volume layer checks fresh blocks for
+    /// holes under the pool's lock. Never lowered (a punched range below it is still seen by
+    /// `SEEK_DATA`).
+    data_end: AtomicU64,
 }
 
 fn fd_of(f: &File) -> i32 {
@@ -224,12 +231,19 @@ impl RealFile {
             CacheMode::Writeback => None,
             CacheMode::Direct => open_direct(path, block_size)?,
         };
+        let end = match kind {
+            StorageKind::RegularFile => data_end(&file, file.metadata()?.len()).map_err(|e| {
+                io::Error::new(e.kind(), format!("data file {}: {e}", path.display()))
+            })?,
+            StorageKind::BlockDevice => u64::MAX,
+        };
         Ok(RealFile {
             file: Arc::new(file),
             kind,
             nowait_reads: AtomicBool::new(true),
             direct,
             writes: Arc::default(),
+            data_end: AtomicU64::new(end),
         })
     }
 
@@ -299,6 +313,7 @@ impl RealFile {
     }
 
     pub(crate) async fn write(&self, off: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
+        self.note_data(off, crate::device::iov_len(bufs));
         if let Some(d) = &self.direct {
             return d.write(off, bufs).await;
         }
@@ -323,6 +338,7 @@ impl RealFile {
 
     /// Copies `len` bytes from `src` to `dst` inside the file (copy-on-write of a block).
     pub(crate) async fn copy_range(&self, src: u64, dst: u64, len: u64) -> io::Result<()> {
+        self.note_data(dst, len);
         if let Some(d) = &self.direct {
             // Through a bounce buffer: copy_file_range would go through the page cache.
             let mut buf = AlignedBuf::zeroed(len as usize);
@@ -350,11 +366,14 @@ impl RealFile {
         Ok(self.hole_len(off, len)? >= len)
     }
 
-    /// How many bytes from `off` on (at most `max`) are a hole: one `SEEK_DATA`. Always 0 on a
-    /// block device, where holes cannot be seen.
+    /// How many bytes from `off` on (at most `max`) are a hole: one `SEEK_DATA`, none past the
+    /// end of the data. Always 0 on a block device, where holes cannot be seen.
     pub(crate) fn hole_len(&self, off: u64, max: u64) -> io::Result<u64> {
         if self.kind == StorageKind::BlockDevice {
             return Ok(0);
+        }
+        if off >= self.data_end.load(Ordering::Acquire) {
+            return Ok(max);
         }
         let start = i64::try_from(off).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         // SAFETY: lseek takes no pointers. The file position it moves is not used by anything:
@@ -370,6 +389,16 @@ impl RealFile {
             };
         }
         Ok((r as u64).saturating_sub(off).min(max))
+    }
+
+    /// Raises the end of the data to cover `len` bytes at `off`, before they are written (a
+    /// hole check of a range being written is not meaningful anyway: the volume layer checks
+    /// only blocks it holds reserved, which nobody writes).
+    fn note_data(&self, off: u64, len: u64) {
+        if len > 0 {
+            self.data_end
+                .fetch_max(off.saturating_add(len), Ordering::AcqRel);
+        }
     }
 
     /// Bytes of storage the file occupies (st_blocks × 512); for block devices, their size.
@@ -507,6 +536,37 @@ fn copy_by_buffer(file: &File, src: u64, dst: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// The offset past the last data in the first `len` bytes of `file` (a multiple of 4 KiB, or
+/// `len`): a binary search with `SEEK_DATA`, about 20 calls for a file of terabytes, so that
+/// opening a pool reads nothing of its data file.
+fn data_end(file: &File, len: u64) -> io::Result<u64> {
+    const GRAIN: u64 = 4096;
+    let data_from = |at: u64| -> io::Result<Option<u64>> {
+        let start = i64::try_from(at).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: lseek takes no pointers; the file position is not used by anything.
+        let r = unsafe { libc::lseek(fd_of(file), start, libc::SEEK_DATA) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(e),
+        }
+    };
+    // The answer, in grains, lies in [lo, hi]: data exists at or after grain lo − 1 (or lo is
+    // 0), none at or after grain hi.
+    let (mut lo, mut hi) = (0, len.div_ceil(GRAIN));
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        match data_from(mid * GRAIN)? {
+            Some(d) => lo = (d / GRAIN + 1).max(mid + 1).min(hi),
+            None => hi = mid,
+        }
+    }
+    Ok((lo * GRAIN).min(len))
+}
+
 fn zero_out_sync(file: &File, kind: StorageKind, off: u64, len: u64) -> io::Result<()> {
     let fd = fd_of(file);
     match kind {
@@ -535,6 +595,47 @@ fn zero_out_sync(file: &File, kind: StorageKind, off: u64, len: u64) -> io::Resu
 mod tests {
     use super::*;
     use crate::data::tests::{disk_tempdir, rt};
+
+    /// The end of the data is found on open and raised by writes; hole checks past it make no
+    /// system call and still see data written later.
+    #[test]
+    fn data_end_found_on_open_and_raised_by_writes() {
+        use std::os::unix::fs::FileExt;
+        const MIB: u64 = 1 << 20;
+        let dir = disk_tempdir();
+        let path = dir.path().join("d");
+        let f = File::create(&path).unwrap();
+        assert_eq!(data_end(&f, 0).unwrap(), 0);
+        f.set_len(64 * MIB).unwrap();
+        assert_eq!(data_end(&f, 64 * MIB).unwrap(), 0);
+        f.write_all_at(&[1u8; 100], MIB + 512).unwrap();
+        f.write_all_at(&[1u8; 4096], 10 * MIB).unwrap();
+        f.sync_all().unwrap();
+        assert_eq!(data_end(&f, 64 * MIB).unwrap(), 10 * MIB + 4096);
+        // Data up to the last byte of a file whose length is not a multiple of 4 KiB.
+        let g = File::create(dir.path().join("g")).unwrap();
+        g.write_all_at(&[1u8; 5000], 0).unwrap();
+        assert_eq!(data_end(&g, 5000).unwrap(), 5000);
+        drop((f, g));
+
+        // Each mode writes 20 MiB past the data the last one left.
+        for (cache, end) in [
+            (CacheMode::Writeback, 10 * MIB),
+            (CacheMode::Direct, 30 * MIB),
+        ] {
+            let rf = RealFile::open(&path, false, cache, 65536).unwrap();
+            assert_eq!(rf.data_end.load(Ordering::SeqCst), end + 4096);
+            assert_eq!(rf.hole_len(end + MIB, MIB).unwrap(), MIB);
+            assert_eq!(rf.hole_len(2 * MIB, MIB).unwrap(), MIB);
+            assert_eq!(rf.hole_len(MIB, MIB).unwrap(), 0);
+            let at = end + 20 * MIB;
+            let mut buf = AlignedBuf::zeroed(4096);
+            buf.fill(9);
+            rt().block_on(rf.write(at, &[IoSlice::new(&buf)])).unwrap();
+            assert_eq!(rf.hole_len(end + MIB, 64 * MIB).unwrap(), 19 * MIB);
+            assert!(!rf.is_hole(at, 65536).unwrap());
+        }
+    }
 
     /// Direct transfers where the kernel refuses io_uring: the thread pool carries them.
     #[test]

@@ -15,8 +15,12 @@
 //! every run, and every new run and stash starts from it, so the slots of a closed group stay
 //! free for a while; a later write into such a group (or any group after a restart) finds the
 //! run's base from a mapping of the group in the mapping cache, else from the group's first
-//! mapping in the tree, and reserves its slot if it is still usable (then one `SEEK_DATA`
-//! tells whether it is a hole).
+//! mapping in the tree, and reserves its slot if it is still usable. Whether such a slot is a
+//! hole is left to the write, which asks with one `SEEK_DATA` (`DataFile::make_zero`) after
+//! the pool's lock is released: a slot below the end of the data file's data needs that
+//! system call, which waits for ext4's inode lock behind every buffered write in flight, and
+//! waiting for it under the pool's read lock stalled every other request (a writer waiting
+//! for the lock blocks new readers).
 //!
 //! Why: blocks used to be handed out in arrival order (the device's stash), so a volume
 //! provisioned by random 4 KiB writes had its 1 MiB stretches scattered over the data file,
@@ -140,7 +144,7 @@ impl Shared {
                 continue;
             }
             if let Some(rs) = reserve_slots(pool, base, first, vbs)? {
-                return self.stash_run(rs).map(Some);
+                return Ok(Some(unchecked(rs)));
             }
             bases.push(base);
             if bases.len() == MAX_BASES {
@@ -157,7 +161,7 @@ impl Shared {
                     if let Some(base) = block.0.checked_sub(u.0 - first)
                         && let Some(rs) = reserve_slots(pool, base, first, vbs)?
                     {
-                        return self.stash_run(rs).map(Some);
+                        return Ok(Some(unchecked(rs)));
                     }
                 }
                 _ => empty = true,
@@ -284,6 +288,11 @@ impl Shared {
             pool.release_reservation(r);
         }
     }
+}
+
+/// Slots whose holes are not known: the write checks them, outside the pool's lock.
+fn unchecked(rs: Vec<Reservation>) -> Vec<Stashed> {
+    rs.into_iter().map(|r| Stashed { r, hole: false }).collect()
 }
 
 /// Reserves the slots of `vbs` (in the group starting at virtual block `first`) in the run
