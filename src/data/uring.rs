@@ -489,7 +489,7 @@ mod tests {
     }
 
     #[test]
-    fn thread_ring_batches_signals_and_is_reaped_by_its_owner() {
+    fn thread_ring_signals_and_is_reaped_by_its_owner() {
         // A lost submission or completion would hang the test: run it on its own thread so
         // that it fails instead.
         let (tx, rx) = std::sync::mpsc::channel();
