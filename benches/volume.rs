@@ -271,7 +271,8 @@ where
         let t = &sides[s];
         let only = SIDE.load(Ordering::Relaxed);
         if only != u64::MAX && only != s as u64 {
-            out[s] = 1.0;
+            // Not run (`--side`): reported as such, never as a rate.
+            out[s] = f64::NAN;
             continue;
         }
         settle();
@@ -346,6 +347,9 @@ fn main() {
         let mut report = |w: usize, rates: [f64; 2]| {
             let io = if w == 3 || w == 4 { 1 << 20 } else { 4096 };
             for (side, rate) in rates.into_iter().enumerate() {
+                if rate.is_nan() {
+                    continue;
+                }
                 eprintln!(
                     "round {round} {:>13} {:>6}: {:>9.0} IOPS {:>8.1} MiB/s",
                     WORKLOADS[w],
@@ -470,9 +474,10 @@ fn main() {
             pool.data().allocated_bytes().unwrap_or(0) >> 20
         );
     }
+    // None for a side that did not run (`--side`).
     let med = |v: &mut Vec<f64>| {
         v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
-        v[v.len() / 2]
+        v.get(v.len() / 2).copied()
     };
     println!(
         "\nmedian of {} rounds; QD{QD}; {} GiB; {} fresh and {} CoW writes per round; {} s timed runs",
@@ -485,19 +490,21 @@ fn main() {
     println!("| workload | plain file | volume | volume / plain |");
     println!("| --- | ---: | ---: | ---: |");
     for (w, name) in WORKLOADS.iter().enumerate() {
-        if res[w][0].is_empty() {
+        if res[w][0].is_empty() && res[w][1].is_empty() {
             continue;
         }
         let p = med(&mut res[w][0]);
         let v = med(&mut res[w][1]);
-        let fmt = |x: f64| {
-            if w == 3 || w == 4 {
-                format!("{x:.0} MiB/s")
-            } else {
-                format!("{x:.0} IOPS")
-            }
+        let fmt = |x: Option<f64>| match x {
+            None => "-".to_string(),
+            Some(x) if w == 3 || w == 4 => format!("{x:.0} MiB/s"),
+            Some(x) => format!("{x:.0} IOPS"),
         };
-        println!("| {name} | {} | {} | {:.2} |", fmt(p), fmt(v), v / p);
+        let ratio = match (p, v) {
+            (Some(p), Some(v)) => format!("{:.2}", v / p),
+            _ => "-".to_string(),
+        };
+        println!("| {name} | {} | {} | {ratio} |", fmt(p), fmt(v));
     }
     println!();
     for l in &commit_lines {
