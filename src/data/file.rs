@@ -375,20 +375,10 @@ impl RealFile {
         if off >= self.data_end.load(Ordering::Acquire) {
             return Ok(max);
         }
-        let start = i64::try_from(off).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: lseek takes no pointers. The file position it moves is not used by anything:
-        // every transfer is positional.
-        let r = unsafe { libc::lseek(fd_of(&self.file), start, libc::SEEK_DATA) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            // ENXIO: no data at or after `off`.
-            return if e.raw_os_error() == Some(libc::ENXIO) {
-                Ok(max)
-            } else {
-                Err(e)
-            };
-        }
-        Ok((r as u64).saturating_sub(off).min(max))
+        Ok(match seek_data(&self.file, off)? {
+            Some(at) => at.saturating_sub(off).min(max),
+            None => max,
+        })
     }
 
     /// Raises the end of the data to cover `len` bytes at `off`, before they are written (a
@@ -536,30 +526,33 @@ fn copy_by_buffer(file: &File, src: u64, dst: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Where the first data at or after `off` starts (`SEEK_DATA`), or `None` when there is none.
+fn seek_data(file: &File, off: u64) -> io::Result<Option<u64>> {
+    let start = i64::try_from(off).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: lseek takes no pointers. The file position it moves is not used by anything:
+    // every transfer is positional.
+    let r = unsafe { libc::lseek(fd_of(file), start, libc::SEEK_DATA) };
+    if r >= 0 {
+        return Ok(Some(r as u64));
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::ENXIO) => Ok(None),
+        _ => Err(e),
+    }
+}
+
 /// The offset past the last data in the first `len` bytes of `file` (a multiple of 4 KiB, or
 /// `len`): a binary search with `SEEK_DATA`, about 20 calls for a file of terabytes, so that
 /// opening a pool reads nothing of its data file.
 fn data_end(file: &File, len: u64) -> io::Result<u64> {
     const GRAIN: u64 = 4096;
-    let data_from = |at: u64| -> io::Result<Option<u64>> {
-        let start = i64::try_from(at).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: lseek takes no pointers; the file position is not used by anything.
-        let r = unsafe { libc::lseek(fd_of(file), start, libc::SEEK_DATA) };
-        if r >= 0 {
-            return Ok(Some(r as u64));
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::ENXIO) => Ok(None),
-            _ => Err(e),
-        }
-    };
     // The answer, in grains, lies in [lo, hi]: data exists at or after grain lo − 1 (or lo is
     // 0), none at or after grain hi.
     let (mut lo, mut hi) = (0, len.div_ceil(GRAIN));
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
-        match data_from(mid * GRAIN)? {
+        match seek_data(file, mid * GRAIN)? {
             Some(d) => lo = (d / GRAIN + 1).max(mid + 1).min(hi),
             None => hi = mid,
         }

@@ -301,8 +301,9 @@ impl WriteQueue {
 
 /// One writer thread's turn, counted in `writers`. Its work is done in `Drop`, so that it
 /// happens however the turn ends: run by the pool thread (the normal case) or dropped unrun
-/// at runtime shutdown (the queued writes then run on the dropping thread). The last look at the queue and the count going down happen under one lock, so a job
-/// queued after that look finds `writers` lowered and starts a new writer.
+/// at runtime shutdown (the queued writes then run on the dropping thread). The last look at
+/// the queue and the count going down happen under one lock, so a job queued after that look
+/// finds `writers` lowered and starts a new writer.
 struct Writer(Arc<WriteQueue>);
 
 impl Drop for Writer {
@@ -374,16 +375,8 @@ mod tests {
     /// when its `Drop` returns (the buffer may go).
     #[test]
     fn queued_writes_land_and_writers_end() {
-        // A queued write that no writer runs makes its future's Drop wait forever: run the
-        // test on its own thread so that such a bug fails it instead of hanging it.
-        let (done, finished) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            queued_writes_body();
-            let _ = done.send(());
-        });
-        finished
-            .recv_timeout(std::time::Duration::from_secs(60))
-            .expect("queued writes stalled or failed (see the thread's panic above)");
+        // A queued write that no writer runs makes its future's Drop wait forever.
+        crate::data::tests::with_time_limit("queued writes", queued_writes_body);
     }
 
     fn queued_writes_body() {

@@ -381,6 +381,23 @@ mod tests {
 
     /// A directory on the file system the repository lives on (/tmp may be tmpfs, which
     /// refused O_DIRECT before Linux 6.6). Also used by `file`'s tests.
+    /// Runs `body` on its own thread and fails (naming `what`) if it has not finished within
+    /// 60 s: for tests whose bug would make a `Drop` wait forever, so that it fails instead of
+    /// hanging the test run. A panic in `body` fails it too (its message is printed above).
+    pub(super) fn with_time_limit(what: &str, body: impl FnOnce() + Send + 'static) {
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            body();
+            let _ = done.send(());
+        });
+        if finished
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .is_err()
+        {
+            panic!("{what} stalled or failed (see the thread's panic above)");
+        }
+    }
+
     pub(super) fn disk_tempdir() -> tempfile::TempDir {
         let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tmp-tests");
         std::fs::create_dir_all(&base).unwrap();
