@@ -2,7 +2,13 @@
 # vhost-user-blk benchmark: the same libblkio client (examples/vhost-bench.rs, one queue, QD32)
 # against uthin and qemu-storage-daemon, interleaved and repeated, printing medians and ratios.
 #
-# Usage: scripts/vhost-bench.sh [--rounds 3] [--seconds 5] [--size 1G] [--peers "a b c"]
+# Usage: scripts/vhost-bench.sh [--rounds 3] [--seconds 5] [--size 1G] [--qd 32] [--peers "a b c"]
+#                               [--only randwrite-fresh,randread,...]
+#
+# --qd is the client's queue depth (issue 7's figure is at 32; docs/vhost.md has a sweep);
+# --only runs a subset of the phases (randwrite-fresh, randwrite-over, randread, seqwrite-1m,
+# seqread-1m; the overwrite and read phases use the blocks the fresh phase wrote, so without
+# it they address every block and provision as they go).
 #
 # Peers (each round starts every peer on fresh, empty storage, one after the other):
 #   uthin      `uthin serve --vhost-user` on a new pool in $BENCH_DIR (when the uthin binary
@@ -27,12 +33,16 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 ROUNDS=3
 SECONDS_PER_PHASE=5
 SIZE=1G
+QD=32
+ONLY=""
 PEERS=""
 while [ $# -gt 0 ]; do
     case "$1" in
     --rounds) ROUNDS=$2; shift 2 ;;
     --seconds) SECONDS_PER_PHASE=$2; shift 2 ;;
     --size) SIZE=$2; shift 2 ;;
+    --qd) QD=$2; shift 2 ;;
+    --only) ONLY=$2; shift 2 ;;
     --peers) PEERS=$2; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
@@ -149,13 +159,15 @@ start_peer() {
 
 RESULTS=$WORK/results
 : >"$RESULTS"
-log "peers: $PEERS; $ROUNDS rounds of ${SECONDS_PER_PHASE}s per phase on $SIZE"
+log "peers: $PEERS; $ROUNDS rounds of ${SECONDS_PER_PHASE}s per phase on $SIZE at QD$QD"
 for round in $(seq 1 "$ROUNDS"); do
     for peer in $PEERS; do
         start_peer "$peer"
         verify=""
         case "$peer" in *-null) verify=--no-verify ;; esac
-        out=$("$BENCH" --socket "$SOCKET" --size "$SIZE" --seconds "$SECONDS_PER_PHASE" $verify) ||
+        only=""
+        [ -z "$ONLY" ] || only="--only $ONLY"
+        out=$("$BENCH" --socket "$SOCKET" --size "$SIZE" --seconds "$SECONDS_PER_PHASE" --qd "$QD" $only $verify) ||
             die "$peer round $round: bench failed: $out"
         [ -n "$verify" ] || echo "$out" | grep -q '^VERIFIED' || die "$peer round $round: data not verified"
         echo "$out" | awk -v p="$peer" '/^RESULT/ {print p, $2, $3, $4}' >>"$RESULTS"
@@ -171,7 +183,11 @@ printf "%-16s" "phase"
 for peer in $PEERS; do printf "%26s" "$peer IOPS (MiB/s)"; done
 echo
 median() { sort -n | awk '{a[NR]=$1} END {if (NR % 2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
-for phase in randwrite-fresh randwrite-over randread seqwrite-1m seqread-1m; do
+# The phases that ran (all five unless --only), in the client's order.
+PHASES=$(for phase in randwrite-fresh randwrite-over randread seqwrite-1m seqread-1m; do
+    awk -v f="$phase" '$2==f {print f; exit}' "$RESULTS"
+done)
+for phase in $PHASES; do
     printf "%-16s" "$phase"
     for peer in $PEERS; do
         iops=$(awk -v p="$peer" -v f="$phase" '$1==p && $2==f {print $3}' "$RESULTS" | median)
@@ -184,7 +200,7 @@ done
 echo
 ratio() { # ratio A B
     local phase a b
-    for phase in randwrite-fresh randwrite-over randread seqwrite-1m seqread-1m; do
+    for phase in $PHASES; do
         a=$(eval echo "\${M_${1//-/_}_${phase//-/_}:-}")
         b=$(eval echo "\${M_${2//-/_}_${phase//-/_}:-}")
         [ -n "$a" ] && [ -n "$b" ] && awk -v a="$a" -v b="$b" -v p="$phase" -v n="$1/$2" \
