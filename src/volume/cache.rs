@@ -18,6 +18,8 @@ use parking_lot::Mutex;
 
 use crate::units::{DataBlock, DevId, VirtBlock};
 
+use super::padded::Padded;
+
 const SHARDS: usize = 16;
 
 /// What the cache knows about one virtual block.
@@ -36,9 +38,11 @@ pub(crate) enum Cached {
 
 type Key = (DevId, VirtBlock);
 
-/// A sharded, bounded map; see the module docs.
+/// A sharded, bounded map; see the module docs. Each shard (its lock and its table's header)
+/// is alone on its cache line, so that two threads locking neighbouring shards do not write
+/// the same line.
 pub(crate) struct MappingCache {
-    shards: Vec<Mutex<HashMap<Key, Cached>>>,
+    shards: Vec<Padded<Mutex<HashMap<Key, Cached>>>>,
     per_shard: usize,
     hasher: std::collections::hash_map::RandomState,
 }
@@ -48,7 +52,9 @@ impl MappingCache {
     pub(crate) fn new(capacity: usize) -> MappingCache {
         let per_shard = capacity.div_ceil(SHARDS).max(1);
         MappingCache {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Padded(Mutex::new(HashMap::new())))
+                .collect(),
             per_shard,
             hasher: Default::default(),
         }

@@ -37,6 +37,7 @@ mod cache;
 mod combine;
 mod grace;
 mod inflight;
+mod padded;
 mod pieces;
 mod place;
 mod sharing;
