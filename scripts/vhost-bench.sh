@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# vhost-user-blk benchmark: the same libblkio client (examples/vhost-bench.rs, one queue, QD32)
-# against uthin and qemu-storage-daemon, interleaved and repeated, printing medians and ratios.
+# vhost-user-blk benchmark: the same libblkio client (examples/vhost-bench.rs, one queue, QD32
+# unless --qd) against uthin and qemu-storage-daemon, interleaved and repeated, printing medians
+# and ratios.
 #
 # Usage: scripts/vhost-bench.sh [--rounds 3] [--seconds 5] [--size 1G] [--qd 32] [--peers "a b c"]
 #                               [--only randwrite-fresh,randread,...]
