@@ -11,6 +11,9 @@
 # seqread-1m; the overwrite and read phases use the blocks the fresh phase wrote, so without
 # it they address every block and provision as they go).
 #
+# Each write phase ends with a timed FLUSH (so that no phase pays for the writeback of the one
+# before it); its "-durable" row is the phase's rate with that flush's time included.
+#
 # Peers (each round starts every peer on fresh, empty storage, one after the other):
 #   uthin      `uthin serve --vhost-user` on a new pool in $BENCH_DIR (when the uthin binary
 #              has `serve`), data through the page cache (`--cache writeback`, the default)
@@ -171,8 +174,10 @@ for round in $(seq 1 "$ROUNDS"); do
         out=$("$BENCH" --socket "$SOCKET" --size "$SIZE" --seconds "$SECONDS_PER_PHASE" --qd "$QD" $only $verify) ||
             die "$peer round $round: bench failed: $out"
         [ -n "$verify" ] || echo "$out" | grep -q '^VERIFIED' || die "$peer round $round: data not verified"
-        echo "$out" | awk -v p="$peer" '/^RESULT/ {print p, $2, $3, $4}' >>"$RESULTS"
-        log "round $round $peer: $(echo "$out" | awk '/^RESULT/ {printf "%s=%s ", $2, $3}')"
+        echo "$out" | awk -v p="$peer" '/^RESULT/ {print p, $2, $3, $4}
+            /^DURABLE/ {print p, $2 "-durable", $3, $4}' >>"$RESULTS"
+        log "round $round $peer: $(echo "$out" | awk '/^RESULT/ {printf "%s=%s ", $2, $3}
+            /^DURABLE/ {printf "(flush %s ms) ", $5}')"
         stop_server
         drop_storage
     done
@@ -180,16 +185,19 @@ done
 
 # Median IOPS and MiB/s per peer and phase, then the ratios.
 echo
-printf "%-16s" "phase"
+printf "%-24s" "phase"
 for peer in $PEERS; do printf "%26s" "$peer IOPS (MiB/s)"; done
 echo
 median() { sort -n | awk '{a[NR]=$1} END {if (NR % 2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
-# The phases that ran (all five unless --only), in the client's order.
-PHASES=$(for phase in randwrite-fresh randwrite-over randread seqwrite-1m seqread-1m; do
+# The phases that ran (all five unless --only), in the client's order; each write phase also
+# as "-durable": its rate with the flush that ends it included (examples/vhost-bench.rs).
+ALL_PHASES="randwrite-fresh randwrite-fresh-durable randwrite-over randwrite-over-durable randread
+    seqwrite-1m seqwrite-1m-durable seqread-1m"
+PHASES=$(for phase in $ALL_PHASES; do
     awk -v f="$phase" '$2==f {print f; exit}' "$RESULTS"
 done)
 for phase in $PHASES; do
-    printf "%-16s" "$phase"
+    printf "%-24s" "$phase"
     for peer in $PEERS; do
         iops=$(awk -v p="$peer" -v f="$phase" '$1==p && $2==f {print $3}' "$RESULTS" | median)
         mibs=$(awk -v p="$peer" -v f="$phase" '$1==p && $2==f {print $4}' "$RESULTS" | median)
@@ -205,7 +213,7 @@ ratio() { # ratio A B
         a=$(eval echo "\${M_${1//-/_}_${phase//-/_}:-}")
         b=$(eval echo "\${M_${2//-/_}_${phase//-/_}:-}")
         [ -n "$a" ] && [ -n "$b" ] && awk -v a="$a" -v b="$b" -v p="$phase" -v n="$1/$2" \
-            'BEGIN {printf "RATIO %-20s %-16s %.2fx\n", n, p, a / b}'
+            'BEGIN {printf "RATIO %-20s %-24s %.2fx\n", n, p, a / b}'
     done
 }
 case " $PEERS " in *" uthin "*) case " $PEERS " in *" qsd-disk "*) ratio uthin qsd-disk ;; esac ;; esac
