@@ -379,8 +379,6 @@ mod tests {
         });
     }
 
-    /// A directory on the file system the repository lives on (/tmp may be tmpfs, which
-    /// refused O_DIRECT before Linux 6.6). Also used by `file`'s tests.
     /// Runs `body` on its own thread and fails (naming `what`) if it has not finished within
     /// 60 s: for tests whose bug would make a `Drop` wait forever, so that it fails instead of
     /// hanging the test run. A panic in `body` fails it too (its message is printed above).
@@ -398,6 +396,8 @@ mod tests {
         }
     }
 
+    /// A directory on the file system the repository lives on (/tmp may be tmpfs, which
+    /// refused O_DIRECT before Linux 6.6). Also used by `file`'s tests.
     pub(super) fn disk_tempdir() -> tempfile::TempDir {
         let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tmp-tests");
         std::fs::create_dir_all(&base).unwrap();
