@@ -222,16 +222,22 @@ impl Bench {
         Ok((ops, bytes, start.elapsed()))
     }
 
+    /// Waits for the one request in flight (queued by the caller) and returns its result.
+    fn wait_one(&mut self, what: &str) -> anyhow::Result<i32> {
+        let mut comps = std::mem::take(&mut self.completions);
+        let n = self.q.do_io(&mut comps, 1, None, None)?;
+        ensure!(n == 1, "{what} lost");
+        // SAFETY: do_io initialised the first entry.
+        let ret = unsafe { comps[0].assume_init_ref() }.ret;
+        self.completions = comps;
+        Ok(ret)
+    }
+
     /// Sends a FLUSH (nothing else is in flight) and returns how long it took.
     fn flush(&mut self) -> anyhow::Result<Duration> {
         let start = Instant::now();
         self.q.flush(0, ReqFlags::empty());
-        let mut comps = std::mem::take(&mut self.completions);
-        let n = self.q.do_io(&mut comps, 1, None, None)?;
-        ensure!(n == 1, "flush completion lost");
-        // SAFETY: do_io initialised the first entry.
-        let ret = unsafe { comps[0].assume_init_ref() }.ret;
-        self.completions = comps;
+        let ret = self.wait_one("flush completion")?;
         ensure!(ret == 0, "flush failed: {ret}");
         Ok(start.elapsed())
     }
@@ -243,12 +249,7 @@ impl Bench {
         while offset < size {
             let ptr = self.base as *mut u8;
             self.q.read(offset, ptr, LARGE, 0, ReqFlags::empty());
-            let mut comps = std::mem::take(&mut self.completions);
-            let n = self.q.do_io(&mut comps, 1, None, None)?;
-            ensure!(n == 1, "verify read lost");
-            // SAFETY: do_io initialised the first entry.
-            let ret = unsafe { comps[0].assume_init_ref() }.ret;
-            self.completions = comps;
+            let ret = self.wait_one("verify read")?;
             ensure!(ret == 0, "verify read at {offset} failed: {ret}");
             let first = (offset / SMALL as u64) as usize;
             for i in 0..LARGE / SMALL {
