@@ -149,7 +149,7 @@ start_peer() {
         local cache=writeback
         [ "$1" = uthin ] || cache=direct
         rm -rf "$WORK/pool" "$WORK/vol.sock"
-        "$UTHIN" --pool "$WORK/pool" pool create --data-size $((2 * ${SIZE%G}))G >/dev/null
+        "$UTHIN" --pool "$WORK/pool" pool create --data-size $((2 * $(size_bytes "$SIZE"))) >/dev/null
         "$UTHIN" --pool "$WORK/pool" create vol --size "$SIZE" >/dev/null
         "$UTHIN" --pool "$WORK/pool" serve --cache "$cache" --vhost-user "vol=$WORK/vol.sock" \
             >>"$WORK/server.log" 2>&1 &
