@@ -14,7 +14,8 @@
 # Each write phase ends with a timed FLUSH (so that no phase pays for the writeback of the one
 # before it); its "-durable" row is the phase's rate with that flush's time included.
 #
-# Peers (each round starts every peer on fresh, empty storage, one after the other):
+# Peers (each round starts every peer on fresh, empty storage, one after the other, the order
+# turned by one peer each round):
 #   uthin      `uthin serve --vhost-user` on a new pool in $BENCH_DIR (when the uthin binary
 #              has `serve`), data through the page cache (`--cache writeback`, the default)
 #   uthin-direct the same with `serve --cache direct` (O_DIRECT through io_uring): the
@@ -164,8 +165,13 @@ start_peer() {
 RESULTS=$WORK/results
 : >"$RESULTS"
 log "peers: $PEERS; $ROUNDS rounds of ${SECONDS_PER_PHASE}s per phase on $SIZE at QD$QD"
+# The order of the peers turns by one each round, so that over n rounds each peer follows each
+# other one once: a peer pays, on this machine, for the storage work the one before it left
+# behind (a page-cache peer writes gigabytes more; the host absorbs them after its `sync`).
+read -r -a PEER_LIST <<<"$PEERS"
 for round in $(seq 1 "$ROUNDS"); do
-    for peer in $PEERS; do
+    shift_by=$(((round - 1) % ${#PEER_LIST[@]}))
+    for peer in "${PEER_LIST[@]:shift_by}" "${PEER_LIST[@]:0:shift_by}"; do
         start_peer "$peer"
         verify=""
         case "$peer" in *-null) verify=--no-verify ;; esac

@@ -7,7 +7,8 @@
 //! device, pushes the request's future into the queue's own executor (a `FuturesUnordered`).
 //! The thread then polls the executor: futures that finish at once (a cached read, an
 //! in-memory device) complete in the same pass, with one used-ring update and at most one
-//! notification for the whole batch. Futures that wait on I/O register a waker that writes the
+//! notification per [`POP_BATCH`] chains; then it pops the next batch. Handing the first
+//! completions back before the ring is drained lets the driver refill the ring meanwhile. Futures that wait on I/O register a waker that writes the
 //! queue's *completion eventfd*, which the same epoll loop watches, so the thread goes back to
 //! its rings instead of blocking and is woken when the device has finished something.
 //!
@@ -70,6 +71,14 @@ pub type AtomicGuestMem = GuestMemoryAtomic<GuestMem>;
 pub type Vring = VringMutex<AtomicGuestMem>;
 
 type RequestFuture = Pin<Box<dyn Future<Output = Completion> + Send>>;
+
+/// Chains a queue thread pops and starts before it puts what finished on the used ring and
+/// notifies, then comes back for more. Small, so that the driver (on another CPU) gets the
+/// first completions and refills the ring while the thread works through the rest: popping the
+/// whole ring first made the two sides take turns, each idle while the other worked. Measured
+/// on the null device (docs/vhost.md, "Handing completions back early"): 4k reads at QD32 went
+/// from 362k IOPS (whole ring) to 513k (8), 589k (4), 835k (2) and 718k (1).
+const POP_BATCH: usize = 2;
 
 /// Wakes a queue thread by writing its completion eventfd; coalesces wakes until the thread
 /// has polled again.
@@ -231,23 +240,30 @@ impl<D: BlockDevice> BlkBackend<D> {
         }
     }
 
-    /// Pops and starts every available chain of `vring`; returns the requests answered at once.
-    /// Every popped chain counts as in flight until its used-ring entry is written.
-    fn process_queue(&self, worker: &QueueWorker, vring: &Vring) -> Vec<Completion> {
+    /// Pops and starts the available chains of `vring`, at most [`POP_BATCH`] of them; returns
+    /// the requests answered at once, and whether it stopped at the limit (then notifications
+    /// stay disabled and the caller comes back for the rest). Every popped chain counts as in
+    /// flight until its used-ring entry is written.
+    fn process_queue(&self, worker: &QueueWorker, vring: &Vring) -> (Vec<Completion>, bool) {
         let mut answered = Vec::new();
         // Held while popping: `quiesce` takes it to know that no pop is under way.
         let executor = worker.executor.lock();
         if self.quiesced.load(Ordering::Acquire) {
-            return answered;
+            return (answered, false);
         }
         let mut popped = 0usize;
+        let mut more = false;
         {
             let mut state = vring.get_mut();
-            loop {
+            'pop: loop {
                 if let Err(e) = state.disable_notification() {
                     tracing::warn!("vhost-user-blk: cannot disable notifications: {e}");
                 }
                 loop {
+                    if popped == POP_BATCH {
+                        more = true;
+                        break 'pop;
+                    }
                     // The memory map is loaded afresh for every chain: this loop keeps popping
                     // chains the driver adds meanwhile, and a chain added after an ADD_MEM_REG
                     // was acknowledged may use that region.
@@ -280,19 +296,28 @@ impl<D: BlockDevice> BlkBackend<D> {
         if popped > 0 {
             *worker.in_flight.lock() += popped;
         }
-        answered
+        (answered, more)
     }
 
     /// Polls the queue's executor, puts everything finished on the used ring and notifies.
-    fn reap(&self, worker: &QueueWorker, vring: &Vring, mut done: Vec<Completion>) {
+    /// With `reap_ring`, first takes the completions of the queue's io_uring (else only new
+    /// futures and those already woken are polled: between two batches of a kick, so that the
+    /// used ring gets what finished at once without an extra look at the ring per batch).
+    fn reap(
+        &self,
+        worker: &QueueWorker,
+        vring: &Vring,
+        mut done: Vec<Completion>,
+        reap_ring: bool,
+    ) {
         {
             // Transfers that the ring has finished are polled in the pass below, so their wakes
             // need not write the eventfd: `pending` stays set while they are handed out.
-            worker.wake.pending.store(true, Ordering::Release);
-            if let Some(ring) = &worker.ring {
+            if reap_ring && let Some(ring) = &worker.ring {
+                worker.wake.pending.store(true, Ordering::Release);
                 ring.reap();
+                worker.wake.pending.store(false, Ordering::Release);
             }
-            worker.wake.pending.store(false, Ordering::Release);
             let mut cx = Context::from_waker(&worker.waker);
             // Direct transfers started in this pass go to the queue's ring (each submitted as
             // it is made: batching them cost reads a quarter, docs/io-engines.md).
@@ -407,17 +432,23 @@ impl<D: BlockDevice> VhostUserBackend for BlkBackend<D> {
             tracing::error!("vhost-user-blk: event for unknown queue thread {thread_id}");
             return Ok(());
         };
-        let answered = if device_event == 0 {
-            self.process_queue(worker, vring)
-        } else {
+        if device_event != 0 {
             if u64::from(device_event) == self.completion_event_id() {
                 // A spurious wake-up finds nothing to read; that is fine.
                 let _ = worker.wake.fd.read();
             }
-            Vec::new()
-        };
-        self.reap(worker, vring, answered);
-        Ok(())
+            self.reap(worker, vring, Vec::new(), true);
+            return Ok(());
+        }
+        // A kick: the ring's chains in batches of `POP_BATCH`, each batch's inline completions
+        // handed back before the next batch is popped; the ring's completions once, at the end.
+        loop {
+            let (answered, more) = self.process_queue(worker, vring);
+            self.reap(worker, vring, answered, !more);
+            if !more {
+                return Ok(());
+            }
+        }
     }
 }
 
@@ -432,6 +463,7 @@ mod tests {
 
     use super::*;
     use crate::device::mem::MemDevice;
+    use crate::device::{DevResult, DeviceInfo, Extent};
 
     const QSIZE: u16 = 16;
     const DESC: u64 = 0x1000;
@@ -445,19 +477,32 @@ mod tests {
     const F_WRITE: u16 = 2;
     const F_INDIRECT: u16 = 4;
 
-    struct Ring {
+    struct Ring<D: BlockDevice = MemDevice> {
         mem: AtomicGuestMem,
         vring: Vring,
         call: EventFd,
-        backend: BlkBackend<MemDevice>,
+        backend: BlkBackend<D>,
         next_avail: u16,
+    }
+
+    fn guest_memory() -> AtomicGuestMem {
+        GuestMemoryAtomic::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap(),
+        )
     }
 
     impl Ring {
         fn new(event_idx: bool) -> Ring {
-            let mem = GuestMemoryAtomic::new(
-                GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap(),
-            );
+            Ring::with_device(
+                guest_memory(),
+                Arc::new(MemDevice::new(1 << 20, 4096, false)),
+                event_idx,
+            )
+        }
+    }
+
+    impl<D: BlockDevice> Ring<D> {
+        fn with_device(mem: AtomicGuestMem, dev: Arc<D>, event_idx: bool) -> Ring<D> {
             let vring = Vring::new(mem.clone(), 256).unwrap();
             vring.set_queue_size(QSIZE);
             vring.set_queue_info(DESC, AVAIL, USED).unwrap();
@@ -469,7 +514,6 @@ mod tests {
             let file = unsafe { File::from_raw_fd(call.try_clone().unwrap().into_raw_fd()) };
             vring.set_call(Some(file));
             let cfg = VhostUserBlkConfig::new("ring").with_dispatch(Dispatch::QueueThread(None));
-            let dev = Arc::new(MemDevice::new(1 << 20, 4096, false));
             let backend = BlkBackend::new(dev, &cfg, mem.clone()).unwrap();
             Ring {
                 mem,
@@ -503,6 +547,12 @@ mod tests {
 
         /// Makes `head` available and kicks the backend.
         fn submit(&mut self, head: u16) {
+            self.make_available(head);
+            self.kick();
+        }
+
+        /// Puts `head` on the avail ring, without a kick.
+        fn make_available(&mut self, head: u16) {
             let slot = AVAIL + 4 + 2 * u64::from(self.next_avail % QSIZE);
             self.m()
                 .write_obj(head.to_le(), GuestAddress(slot))
@@ -511,6 +561,10 @@ mod tests {
             self.m()
                 .write_obj(self.next_avail.to_le(), GuestAddress(AVAIL + 2))
                 .unwrap();
+        }
+
+        /// Signals the backend that chains are available.
+        fn kick(&self) {
             self.backend
                 .handle_event(0, EventSet::IN, std::slice::from_ref(&self.vring), 0)
                 .unwrap();
@@ -605,5 +659,73 @@ mod tests {
             .read_obj(GuestAddress(USED + 4 + 8 * u64::from(QSIZE)))
             .unwrap();
         assert_eq!(avail_event, 3);
+    }
+
+    /// A device that answers every flush at once and records the used index the driver could
+    /// see at that moment.
+    struct UsedWatcher {
+        mem: AtomicGuestMem,
+        seen: Mutex<Vec<u16>>,
+    }
+
+    impl BlockDevice for UsedWatcher {
+        fn info(&self) -> DeviceInfo {
+            DeviceInfo {
+                size: 1 << 20,
+                read_only: false,
+                block_size: 4096,
+            }
+        }
+        async fn read(&self, _: u64, _: &mut [std::io::IoSliceMut<'_>]) -> DevResult<()> {
+            Ok(())
+        }
+        async fn write(&self, _: u64, _: &[std::io::IoSlice<'_>], _: bool) -> DevResult<()> {
+            Ok(())
+        }
+        async fn flush(&self) -> DevResult<()> {
+            let used: u16 = self.mem.memory().read_obj(GuestAddress(USED + 2)).unwrap();
+            self.seen.lock().push(used);
+            Ok(())
+        }
+        async fn discard(&self, _: u64, _: u64) -> DevResult<()> {
+            Ok(())
+        }
+        async fn write_zeroes(&self, _: u64, _: u64, _: bool, _: bool) -> DevResult<()> {
+            Ok(())
+        }
+        async fn block_status(&self, _: u64, len: u64) -> DevResult<Vec<Extent>> {
+            Ok(vec![Extent {
+                len,
+                allocated: true,
+                zero: false,
+            }])
+        }
+    }
+
+    #[test]
+    fn one_kick_hands_back_completions_batch_by_batch() {
+        let mem = guest_memory();
+        let dev = Arc::new(UsedWatcher {
+            mem: mem.clone(),
+            seen: Mutex::new(Vec::new()),
+        });
+        let mut r = Ring::with_device(mem, Arc::clone(&dev), false);
+        r.header(4, 0);
+        r.desc(DESC, 0, HDR, 16, F_NEXT, 1);
+        r.desc(DESC, 1, STATUS, 1, F_WRITE, 0);
+        // Three batches' worth of flushes, one kick.
+        let n = 3 * POP_BATCH as u16;
+        for _ in 0..n {
+            r.make_available(0);
+        }
+        r.kick();
+        assert_eq!(r.used_idx(), n);
+        // Each batch's requests ran after the batches before it were on the used ring, and
+        // each batch was signalled (no EVENT_IDX here).
+        let expected: Vec<u16> = (0..n)
+            .map(|i| i / POP_BATCH as u16 * POP_BATCH as u16)
+            .collect();
+        assert_eq!(*dev.seen.lock(), expected);
+        assert_eq!(r.interrupts(), 3);
     }
 }
