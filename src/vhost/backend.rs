@@ -3,19 +3,21 @@
 //! ## Threads and request flow
 //!
 //! `vhost-user-backend` runs one epoll thread per queue (we map queue *i* to thread *i*). On a
-//! kick that thread pops every available chain, validates it ([`parse`]) and, if it needs the
-//! device, pushes the request's future into the queue's own executor (a `FuturesUnordered`).
-//! The thread then polls the executor: futures that finish at once (a cached read, an
-//! in-memory device) complete in the same pass, with one used-ring update and at most one
-//! notification per [`POP_BATCH`] chains; then it pops the next batch. Handing the first
-//! completions back before the ring is drained lets the driver refill the ring meanwhile. Futures that wait on I/O register a waker that writes the
-//! queue's *completion eventfd*, which the same epoll loop watches, so the thread goes back to
-//! its rings instead of blocking and is woken when the device has finished something.
+//! kick that thread pops the available chains, [`POP_BATCH`] at a time, validates each
+//! ([`parse`]) and, if it needs the device, pushes the request's future into the queue's own
+//! executor (a `FuturesUnordered`). After each batch the thread polls the executor: futures
+//! that finish at once (a cached read, an in-memory device) complete in the same pass, with
+//! one used-ring update and at most one notification; then it pops the next batch, so the
+//! driver refills the ring while the thread works through the rest. Futures that wait on
+//! I/O register a waker that writes the queue's *completion eventfd*, which the same epoll
+//! loop watches, so the thread goes back to its rings instead of blocking and is woken when
+//! the device has finished something.
 //!
 //! Each queue also owns a [`ThreadRing`] (an io_uring that signals the same completion eventfd):
 //! the executor is polled with it entered, so the data file's direct transfers (`--cache
 //! direct`) started by the queue's requests go to it, and the thread reaps their completions
-//! itself before each poll, one wake-up per batch of completions instead of two.
+//! itself (on every completion wake-up, and once per kick after its last batch), one wake-up
+//! per batch of completions instead of two.
 //!
 //! With [`Dispatch::Runtime`] each request runs as a task on a tokio runtime instead, and the
 //! executor only holds the tasks' join handles; the completion path is the same (those tasks'
