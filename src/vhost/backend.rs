@@ -245,7 +245,9 @@ impl<D: BlockDevice> BlkBackend<D> {
     /// Pops and starts the available chains of `vring`, at most [`POP_BATCH`] of them; returns
     /// the requests answered at once, and whether it stopped at the limit (then notifications
     /// stay disabled and the caller comes back for the rest). Every popped chain counts as in
-    /// flight until its used-ring entry is written.
+    /// flight until its used-ring entry is written. A [`quiesce`](Self::quiesce) between two
+    /// batches leaves the rest of the chains in the avail ring, like chains added after it,
+    /// for whoever serves the rings next (QEMU kicks a queue when it starts it).
     fn process_queue(&self, worker: &QueueWorker, vring: &Vring) -> (Vec<Completion>, bool) {
         let mut answered = Vec::new();
         // Held while popping: `quiesce` takes it to know that no pop is under way.
