@@ -245,14 +245,24 @@ impl<D: BlockDevice> BlkBackend<D> {
     /// Pops and starts the available chains of `vring`, at most [`POP_BATCH`] of them; returns
     /// the requests answered at once, and whether it stopped at the limit (then notifications
     /// stay disabled and the caller comes back for the rest). Every popped chain counts as in
-    /// flight until its used-ring entry is written. A [`quiesce`](Self::quiesce) between two
-    /// batches leaves the rest of the chains in the avail ring, like chains added after it,
-    /// for whoever serves the rings next (QEMU kicks a queue when it starts it).
-    fn process_queue(&self, worker: &QueueWorker, vring: &Vring) -> (Vec<Completion>, bool) {
+    /// flight until its used-ring entry is written. `continuing` says that the previous call
+    /// stopped at the limit: if a [`quiesce`](Self::quiesce) came in between, the rest of the
+    /// chains stay in the avail ring (like chains added after it) for whoever serves the
+    /// rings next, and notifications are enabled again, as a pass that is not cut short
+    /// leaves them.
+    fn process_queue(
+        &self,
+        worker: &QueueWorker,
+        vring: &Vring,
+        continuing: bool,
+    ) -> (Vec<Completion>, bool) {
         let mut answered = Vec::new();
         // Held while popping: `quiesce` takes it to know that no pop is under way.
         let executor = worker.executor.lock();
         if self.quiesced.load(Ordering::Acquire) {
+            if continuing && let Err(e) = vring.get_mut().enable_notification() {
+                tracing::warn!("vhost-user-blk: cannot enable notifications: {e}");
+            }
             return (answered, false);
         }
         let mut popped = 0usize;
@@ -446,12 +456,14 @@ impl<D: BlockDevice> VhostUserBackend for BlkBackend<D> {
         }
         // A kick: the ring's chains in batches of `POP_BATCH`, each batch's inline completions
         // handed back before the next batch is popped; the ring's completions once, at the end.
+        let mut continuing = false;
         loop {
-            let (answered, more) = self.process_queue(worker, vring);
+            let (answered, more) = self.process_queue(worker, vring, continuing);
             self.reap(worker, vring, answered, !more);
             if !more {
                 return Ok(());
             }
+            continuing = true;
         }
     }
 }
