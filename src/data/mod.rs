@@ -219,6 +219,21 @@ impl DataFile {
         }
     }
 
+    /// Makes block `to` share block `from`'s storage where the file system has shared
+    /// extents (XFS with reflink, btrfs): the start of a copy-on-write that then writes only
+    /// what changed. `Ok(false)`, with nothing done, where it cannot (ext4, block devices, a
+    /// model): the caller copies instead. Like a write, the clone is durable after the next
+    /// [`sync`](DataFile::sync).
+    pub async fn clone_block(&self, from: DataBlock, to: DataBlock) -> io::Result<bool> {
+        let bs = u64::from(self.block_size);
+        let src = self.byte_offset(from, 0, bs)?;
+        let dst = self.byte_offset(to, 0, bs)?;
+        match &self.backend {
+            Backend::File(f) => f.clone_range(src, dst, bs).await,
+            Backend::Model(_) => Ok(false),
+        }
+    }
+
     /// Makes every write so far durable (fdatasync): the first step of a commit.
     pub async fn sync(&self) -> io::Result<()> {
         match &self.backend {
@@ -485,6 +500,66 @@ mod tests {
         assert!(df.is_hole(DataBlock(7)).unwrap());
         let plain = std::fs::read(dir.path().join("data")).unwrap();
         assert!(plain == model, "the file differs from the model");
+    }
+
+    /// `UTHIN_TEST_DIR` when set (scripts/test.sh points it at an XFS mount, which has
+    /// shared extents), else [`disk_tempdir`].
+    pub(super) fn test_dir() -> tempfile::TempDir {
+        match std::env::var_os("UTHIN_TEST_DIR") {
+            Some(d) => tempfile::tempdir_in(d).unwrap(),
+            None => disk_tempdir(),
+        }
+    }
+
+    /// `clone_block` either shares the block (the clone reads like its source, and a write
+    /// into it leaves the source alone) or refuses and changes nothing, and keeps refusing.
+    /// With `UTHIN_TEST_EXPECT_CLONES` set (scripts/test.sh on XFS) it must share.
+    #[test]
+    fn clone_block_shares_or_changes_nothing() {
+        let dir = test_dir();
+        let expect = std::env::var_os("UTHIN_TEST_EXPECT_CLONES").is_some();
+        for cache in [CacheMode::Writeback, CacheMode::Direct] {
+            let df = DataFile::open_with(&dir.path().join(format!("{cache:?}")), BS, true, cache)
+                .unwrap();
+            df.grow(4).unwrap();
+            rt().block_on(async {
+                let mut src = AlignedBuf::zeroed(BS as usize);
+                for (i, b) in src.iter_mut().enumerate() {
+                    *b = (i % 251) as u8 + 1;
+                }
+                df.write(DataBlock(1), 0, &[IoSlice::new(&src)])
+                    .await
+                    .unwrap();
+                let shared = df.clone_block(DataBlock(1), DataBlock(2)).await.unwrap();
+                assert!(shared || !expect, "{cache:?}: no shared extents here");
+                let mut back = AlignedBuf::zeroed(BS as usize);
+                df.read(DataBlock(2), 0, &mut [IoSliceMut::new(&mut back)])
+                    .await
+                    .unwrap();
+                if !shared {
+                    assert!(back.iter().all(|&b| b == 0), "{cache:?}: a refusal wrote");
+                    assert!(!df.clone_block(DataBlock(1), DataBlock(3)).await.unwrap());
+                    return;
+                }
+                assert!(back[..] == src[..], "{cache:?}: the clone differs");
+                let patch = AlignedBuf::zeroed(4096);
+                df.write(DataBlock(2), 4096, &[IoSlice::new(&patch)])
+                    .await
+                    .unwrap();
+                df.read(DataBlock(1), 0, &mut [IoSliceMut::new(&mut back)])
+                    .await
+                    .unwrap();
+                assert!(
+                    back[..] == src[..],
+                    "{cache:?}: a write into the clone reached its source"
+                );
+                df.read(DataBlock(2), 0, &mut [IoSliceMut::new(&mut back)])
+                    .await
+                    .unwrap();
+                assert!(back[..4096] == src[..4096] && back[8192..] == src[8192..]);
+                assert!(back[4096..8192].iter().all(|&b| b == 0));
+            });
+        }
     }
 
     #[test]

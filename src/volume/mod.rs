@@ -1247,11 +1247,23 @@ impl Volume {
         // it, written whole (measured faster than copy_file_range + write: docs/io-engines.md).
         // Page-aligned, so that the read of the old block and the write of the new one may
         // take the direct path (CacheMode::Direct).
+        // Where the file system shares extents (XFS with reflink, btrfs), the new block is a
+        // clone of the old one instead, and only the write goes to it (`cloned`).
         let mut copies: Vec<AlignedBuf> = Vec::new();
-        for (&i, plan) in todo.iter().zip(&plans) {
+        let mut cloned = vec![false; todo.len()];
+        for (n, (&i, plan)) in todo.iter().zip(&plans).enumerate() {
             let p = ps[i];
             match *plan {
-                Plan::Copy { old, .. } if !p.whole(bs) => {
+                Plan::Copy { old, k } if !p.whole(bs) => {
+                    if sh
+                        .data
+                        .clone_block(old, new_block(k)?)
+                        .await
+                        .map_err(io_err)?
+                    {
+                        cloned[n] = true;
+                        continue;
+                    }
                     let mut block = AlignedBuf::zeroed(bs as usize);
                     sh.data
                         .read(old, 0, &mut [IoSliceMut::new(&mut block)])
@@ -1276,9 +1288,15 @@ impl Volume {
         }
         let mut runs = Vec::with_capacity(todo.len());
         let mut next_copy = copies.iter();
-        for (&i, plan) in todo.iter().zip(&plans) {
+        for (n, (&i, plan)) in todo.iter().zip(&plans).enumerate() {
             let p = ps[i];
             let run = match *plan {
+                Plan::Copy { k, .. } if cloned[n] => Run {
+                    block: new_block(k)?,
+                    offset: p.offset,
+                    len: p.len as u64,
+                    bufs: parts[i].clone(),
+                },
                 Plan::InPlace(block) => Run {
                     block,
                     offset: p.offset,
