@@ -359,11 +359,12 @@ impl RealFile {
     }
 
     /// Makes `[dst, dst + len)` share `[src, src + len)`'s storage (`FICLONERANGE`: no data
-    /// is copied). Before the first clone, the file's copy-on-write extent size hint is set
-    /// to one file-system block, where the file system has one (XFS): by default XFS gives a
-    /// write into a shared extent a 128 KiB staging extent, whose unwritten rest stays
-    /// allocated (in `st_blocks`, `du`) for up to half an hour. `Ok(false)`, with nothing changed, where the file system cannot; the
-    /// first refusal switches it off for the file.
+    /// is copied). `Ok(false)`, with nothing changed, where the file system cannot; the first
+    /// refusal switches it off for the file. Before the first clone, the file's copy-on-write
+    /// extent size hint is set to one file-system block, where the file system has one (XFS):
+    /// by default XFS gives a write into a shared extent a 128 KiB staging extent, whose
+    /// unused rest stays allocated (in `st_blocks`, `du`) until XFS's background reclaim,
+    /// every 5 minutes by default.
     pub(crate) async fn clone_range(&self, src: u64, dst: u64, len: u64) -> io::Result<bool> {
         if !self.reflink.load(Ordering::Acquire) {
             return Ok(false);
@@ -524,8 +525,13 @@ fn dio_alignment(file: &File) -> Option<(usize, u64)> {
     ))
 }
 
-/// copy_file_range inside one file, finishing short copies; falls back to read + write where
-/// the kernel refuses (EXDEV, EINVAL, EOPNOTSUPP on some file systems and devices).
+/// `_IOR('X', 31, struct fsxattr)`.
+const FS_IOC_FSGETXATTR: libc::c_ulong = 0x801c_581f;
+/// `_IOW('X', 32, struct fsxattr)`.
+const FS_IOC_FSSETXATTR: libc::c_ulong = 0x401c_5820;
+/// `fsx_cowextsize` is in effect.
+const FS_XFLAG_COWEXTSIZE: u32 = 0x0001_0000;
+
 /// `struct fsxattr` of `linux/fs.h`.
 #[repr(C)]
 #[derive(Default)]
@@ -542,11 +548,6 @@ struct FsXattr {
 /// (`FS_IOC_FSSETXATTR` with `FS_XFLAG_COWEXTSIZE`), where the file system has such a hint.
 /// Only a hint: a failure is logged and changes nothing else.
 fn set_cow_extent_hint(file: &File) {
-    /// `_IOR('X', 31, struct fsxattr)`.
-    const FS_IOC_FSGETXATTR: libc::c_ulong = 0x801c_581f;
-    /// `_IOW('X', 32, struct fsxattr)`.
-    const FS_IOC_FSSETXATTR: libc::c_ulong = 0x401c_5820;
-    const FS_XFLAG_COWEXTSIZE: u32 = 0x0001_0000;
     let fd = fd_of(file);
     let mut x = FsXattr::default();
     // SAFETY: `x` is a live `struct fsxattr` that the kernel fills in.
@@ -605,6 +606,8 @@ fn clone_in_file(file: &File, src: u64, dst: u64, len: u64) -> io::Result<()> {
     }
 }
 
+/// copy_file_range inside one file, finishing short copies; falls back to read + write where
+/// the kernel refuses (EXDEV, EINVAL, EOPNOTSUPP on some file systems and devices).
 fn copy_in_file(file: &File, src: u64, dst: u64, len: u64) -> io::Result<()> {
     let fd = fd_of(file);
     let mut done = 0u64;
@@ -735,14 +738,14 @@ mod tests {
         }
         let mut x = FsXattr::default();
         // SAFETY: `x` is a live `struct fsxattr` that the kernel fills in.
-        let r = unsafe { libc::ioctl(fd_of(&f.file), 0x801c_581f, &mut x) };
+        let r = unsafe { libc::ioctl(fd_of(&f.file), FS_IOC_FSGETXATTR, &mut x) };
         assert_eq!(r, 0, "{}", io::Error::last_os_error());
         // SAFETY: an all-zero `struct statvfs` is valid.
         let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
         // SAFETY: `st` is a live `struct statvfs`; the descriptor is open.
         assert_eq!(unsafe { libc::fstatvfs(fd_of(&f.file), &mut st) }, 0);
         assert_ne!(
-            x.xflags & 0x0001_0000,
+            x.xflags & FS_XFLAG_COWEXTSIZE,
             0,
             "no copy-on-write extent size hint"
         );
