@@ -14,11 +14,10 @@
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 
+use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 
 use crate::units::{DataBlock, DevId, VirtBlock};
-
-use super::padded::Padded;
 
 const SHARDS: usize = 16;
 
@@ -42,7 +41,7 @@ type Key = (DevId, VirtBlock);
 /// is alone on its cache line, so that two threads locking neighbouring shards do not write
 /// the same line.
 pub(crate) struct MappingCache {
-    shards: Vec<Padded<Mutex<HashMap<Key, Cached>>>>,
+    shards: Vec<CachePadded<Mutex<HashMap<Key, Cached>>>>,
     per_shard: usize,
     hasher: std::collections::hash_map::RandomState,
 }
@@ -53,7 +52,7 @@ impl MappingCache {
         let per_shard = capacity.div_ceil(SHARDS).max(1);
         MappingCache {
             shards: (0..SHARDS)
-                .map(|_| Padded(Mutex::new(HashMap::new())))
+                .map(|_| CachePadded::new(Mutex::new(HashMap::new())))
                 .collect(),
             per_shard,
             hasher: Default::default(),

@@ -11,9 +11,8 @@
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 
+use crossbeam_utils::CachePadded;
 use tokio::sync::Notify;
-
-use super::padded::Padded;
 
 /// Counters per phase, one per cache line, so that requests on different threads do not
 /// write the same line (two shared counters were 2 % of a worker's samples in a profile of
@@ -21,7 +20,7 @@ use super::padded::Padded;
 const STRIPES: usize = 16;
 
 /// A counter alone on its cache line.
-type Stripe = Padded<AtomicUsize>;
+type Stripe = CachePadded<AtomicUsize>;
 
 thread_local! {
     /// The stripe this thread counts its guards in, assigned round robin on first use.
@@ -81,7 +80,7 @@ impl Grace {
         loop {
             let e = self.epoch.load(SeqCst);
             let phase = (e & 1) as usize;
-            self.active[phase][stripe].0.fetch_add(1, SeqCst);
+            self.active[phase][stripe].fetch_add(1, SeqCst);
             if self.epoch.load(SeqCst) == e {
                 return IoGuard {
                     grace: self,
@@ -98,7 +97,7 @@ impl Grace {
         // SeqCst orders this against `synchronize`: either its sum sees the decrement, or
         // the decrement comes after the sum's read of this stripe, hence after `waiting` was
         // set, and the load below sees it.
-        if self.active[phase][stripe].0.fetch_sub(1, SeqCst) == 1 && self.waiting.load(SeqCst) {
+        if self.active[phase][stripe].fetch_sub(1, SeqCst) == 1 && self.waiting.load(SeqCst) {
             self.drained.notify_waiters();
         }
     }
@@ -123,7 +122,7 @@ impl Grace {
             let drained = self.drained.notified();
             tokio::pin!(drained);
             drained.as_mut().enable();
-            let left: usize = self.active[old].iter().map(|s| s.0.load(SeqCst)).sum();
+            let left: usize = self.active[old].iter().map(|s| s.load(SeqCst)).sum();
             if left == 0 {
                 return;
             }

@@ -37,7 +37,6 @@ mod cache;
 mod combine;
 mod grace;
 mod inflight;
-mod padded;
 mod pieces;
 mod place;
 mod sharing;
