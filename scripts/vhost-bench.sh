@@ -169,14 +169,14 @@ log "peers: $PEERS; $ROUNDS rounds of ${SECONDS_PER_PHASE}s per phase on $SIZE a
 # other one once: a peer pays, on this machine, for the storage work the one before it left
 # behind (a page-cache peer writes gigabytes more; the host absorbs them after its `sync`).
 read -r -a PEER_LIST <<<"$PEERS"
+only=""
+[ -z "$ONLY" ] || only="--only $ONLY"
 for round in $(seq 1 "$ROUNDS"); do
     shift_by=$(((round - 1) % ${#PEER_LIST[@]}))
     for peer in "${PEER_LIST[@]:shift_by}" "${PEER_LIST[@]:0:shift_by}"; do
         start_peer "$peer"
         verify=""
         case "$peer" in *-null) verify=--no-verify ;; esac
-        only=""
-        [ -z "$ONLY" ] || only="--only $ONLY"
         out=$("$BENCH" --socket "$SOCKET" --size "$SIZE" --seconds "$SECONDS_PER_PHASE" --qd "$QD" $only $verify) ||
             die "$peer round $round: bench failed: $out"
         [ -n "$verify" ] || echo "$out" | grep -q '^VERIFIED' || die "$peer round $round: data not verified"
