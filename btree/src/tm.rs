@@ -609,6 +609,13 @@ impl TransactionManager {
         Ok(self.sm_find_free_in(SmId::Data, b.0, b.0 + 1)? == Some(b.0))
     }
 
+    /// How many blocks from `from` on, at most `max`, are free one after another as
+    /// [`TransactionManager::data_is_free`] means it (0 when `from` is not): a run of free
+    /// blocks found in one pass over their bitmaps.
+    pub fn data_free_run(&self, from: DiskBlock, max: u64) -> Result<u64> {
+        self.sm_free_run(SmId::Data, from.0, max)
+    }
+
     /// Allocates a data block free in both the committed and the current map (count 1).
     /// [`Error::DataSpaceExhausted`] leaves everything unchanged (the transaction stays usable).
     pub fn data_alloc(&mut self) -> Result<DiskBlock> {

@@ -249,6 +249,14 @@ impl World {
         let top = self.top.root();
         let problems = recount(&self.tm, |tm, c| count_btree::<Top>(tm, top, c));
         prop_assert!(problems.is_empty(), "recount: {:#?}", problems);
+        // A run of free data blocks found in one pass is what asking block by block says.
+        for probe in (0..3000u64).step_by(97).chain([39_990]) {
+            let want = (probe..probe + 40)
+                .take_while(|&b| b < 40_000 && self.tm.data_is_free(DiskBlock(b)).unwrap())
+                .count() as u64;
+            let got = self.tm.data_free_run(DiskBlock(probe), 40).unwrap();
+            prop_assert_eq!(got, want, "free run from data block {}", probe);
+        }
         if full {
             let ids: Vec<u64> = self.top.iter(&self.tm, ..).map(|r| r.unwrap().0).collect();
             prop_assert_eq!(ids, self.model.keys().copied().collect::<Vec<_>>());

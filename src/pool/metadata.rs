@@ -386,6 +386,12 @@ impl Metadata {
         Ok(self.tm.data_is_free(DiskBlock(block.0))?)
     }
 
+    /// How many blocks from `from` on, at most `max`, are free in both data space maps one
+    /// after another (0 when `from` is not).
+    pub(crate) fn data_free_run(&self, from: DataBlock, max: u64) -> Result<u64> {
+        Ok(self.tm.data_free_run(DiskBlock(from.0), max)?)
+    }
+
     fn adjust_mapped(&mut self, dev: DevId, delta: i64) -> Result<()> {
         let mut d = self.existing_details(dev)?;
         d.mapped_blocks = d.mapped_blocks.saturating_add_signed(delta);

@@ -764,11 +764,13 @@ impl Pool {
         let mut out = vec![Reservation { block: first }];
         a.reserved.insert(first.0);
         let mut next = first.0 + 1;
-        while out.len() < max.max(1) && next < total {
-            let usable = !a.reserved.contains(&next)
-                && !a.quarantined.contains(&next)
-                && self.meta.data_block_is_free(DataBlock(next))?;
-            if !usable {
+        // Free in both space maps, found in one pass over their bitmaps.
+        let free = self
+            .meta
+            .data_free_run(DataBlock(next), (max.max(1) - 1) as u64)?;
+        let end = next + free;
+        while next < end {
+            if a.reserved.contains(&next) || a.quarantined.contains(&next) {
                 break;
             }
             a.reserved.insert(next);

@@ -515,6 +515,52 @@ impl TransactionManager {
         Ok(None)
     }
 
+    /// How many blocks from `lo` on, at most `max`, are free one after another, "free" meaning
+    /// what [`sm_find_free_in`](TransactionManager::sm_find_free_in) means (zero in both the
+    /// committed and the current map, not taken in the overlay): 0 when `lo` is not free.
+    /// Reads each bitmap of the run once; asking block by block looks up two index entries and
+    /// two bitmaps per block.
+    pub(crate) fn sm_free_run(&self, id: SmId, lo: u64, max: u64) -> Result<u64> {
+        let sm = self.sm(id)?;
+        let hi = lo.saturating_add(max).min(sm.nr_blocks);
+        let mut at = lo;
+        while at < hi {
+            let g = at / ENTRIES_PER_BITMAP;
+            let end = ((g + 1) * ENTRIES_PER_BITMAP).min(hi);
+            at += self.free_run_in_group(id, g, at, end)?;
+            if at < end {
+                break;
+            }
+        }
+        // A block counted in the overlay but not yet in the bitmaps (allocated in this
+        // transaction, not flushed) ends the run.
+        if let Some((&b, _)) = sm.overlay.range(lo..at).find(|(_, c)| **c != 0) {
+            at = b;
+        }
+        Ok(at.saturating_sub(lo))
+    }
+
+    /// [`sm_free_run`](TransactionManager::sm_free_run) inside bitmap `g`, from the bitmaps
+    /// alone: how many of `lo..hi` from `lo` on are zero in both.
+    fn free_run_in_group(&self, id: SmId, g: u64, lo: u64, hi: u64) -> Result<u64> {
+        let base = g * ENTRIES_PER_BITMAP;
+        let cur = self.current_ie(id, g)?;
+        let committed = self.committed_ie(id, g)?;
+        let cur_bm = self.read_block(MetaBlock(cur.blocknr), &BITMAP_VALIDATOR)?;
+        // `None`: everything in the bitmap was free at the last commit. The same block as the
+        // current one: not shadowed yet, so the same counts.
+        let com_bm = match committed {
+            Some(c) if c.blocknr != cur.blocknr => {
+                Some(self.read_block(MetaBlock(c.blocknr), &BITMAP_VALIDATOR)?)
+            }
+            _ => None,
+        };
+        let free = |i: u64| {
+            bitmap_get(&cur_bm, i) == 0 && com_bm.as_ref().is_none_or(|c| bitmap_get(c, i) == 0)
+        };
+        Ok((lo - base..hi - base).take_while(|&i| free(i)).count() as u64)
+    }
+
     /// Writes the overlay of map `id` into its current on-disk structures (see the module
     /// documentation for why this terminates).
     pub(crate) fn flush_sm(&mut self, id: SmId) -> Result<()> {
