@@ -193,11 +193,12 @@ impl Shared {
                     // (every mapping change updates it): the group's other blocks are
                     // unmapped. A later fresh write into the group then needs no pool lock
                     // at all (`Volume::plan_fresh_unlocked`).
-                    for u in first..first + PLACE_GROUP {
-                        if !vbs.iter().any(|v| v.0 == u) {
-                            self.cache.put(dev, VirtBlock(u), Cached::Unmapped);
-                        }
-                    }
+                    self.cache.put_all(
+                        dev,
+                        (first..first + PLACE_GROUP)
+                            .filter(|u| !vbs.iter().any(|v| v.0 == *u))
+                            .map(|u| (VirtBlock(u), Cached::Unmapped)),
+                    );
                 }
                 return Ok(Some(got));
             }
