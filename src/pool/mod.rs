@@ -16,7 +16,7 @@ pub mod size;
 pub mod superblock;
 pub mod volumes;
 
-use std::collections::HashSet;
+use foldhash::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -89,7 +89,8 @@ impl Reservation {
 
 #[derive(Debug, Default)]
 struct Allocator {
-    /// Blocks reserved and not yet inserted or released.
+    /// Blocks reserved and not yet inserted or released. (foldhash: with SipHash, the
+    /// lookups in this set of up to 60 Ki blocks took 5 % of the CPU of fresh writes.)
     reserved: HashSet<u64>,
     /// Blocks freed by a durable commit whose holes the data layer has not confirmed punched.
     quarantined: HashSet<u64>,
