@@ -7,9 +7,9 @@
 //! the cache never disagrees with the trees except in the safe direction: an entry saying
 //! "shared" may be stale after the sharer went away (a write then rechecks under the lock).
 //!
-//! Exclusivity is invalidated by snapshots without touching the entries: each entry records
-//! the device's snapshot epoch when it was filled, and an entry from an older epoch is no longer
-//! trusted to be owned alone.
+//! Exclusivity is invalidated by snapshots without visiting the entries: an entry comes back
+//! with the device's snapshot epoch it was learned under (kept per chunk, below), and an entry
+//! from an older epoch is no longer trusted to be owned alone.
 //!
 //! # Layout
 //!
