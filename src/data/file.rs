@@ -548,31 +548,46 @@ struct FsXattr {
 /// (`FS_IOC_FSSETXATTR` with `FS_XFLAG_COWEXTSIZE`), where the file system has such a hint.
 /// Only a hint: a failure is logged and changes nothing else.
 fn set_cow_extent_hint(file: &File) {
-    let fd = fd_of(file);
-    let mut x = FsXattr::default();
-    // SAFETY: `x` is a live `struct fsxattr` that the kernel fills in.
-    if unsafe { libc::ioctl(fd, FS_IOC_FSGETXATTR, &mut x) } != 0 {
-        tracing::debug!(
-            "data file: no extent size hints: {}",
-            io::Error::last_os_error()
-        );
+    let mut x = match fs_xattr(file) {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::debug!("data file: no extent size hints: {e}");
+            return;
+        }
+    };
+    let Some(bsize) = fs_block_size(file) else {
         return;
-    }
-    // SAFETY: an all-zero `struct statvfs` is valid.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `st` is a live `struct statvfs` that the kernel fills in; `fd` is open.
-    if unsafe { libc::fstatvfs(fd, &mut st) } != 0 || st.f_bsize == 0 {
-        return;
-    }
+    };
     x.xflags |= FS_XFLAG_COWEXTSIZE;
-    x.cowextsize = st.f_bsize as u32;
+    x.cowextsize = bsize;
     // SAFETY: `x` is a live `struct fsxattr` that the kernel only reads.
-    if unsafe { libc::ioctl(fd, FS_IOC_FSSETXATTR, &x) } != 0 {
+    if unsafe { libc::ioctl(fd_of(file), FS_IOC_FSSETXATTR, &x) } != 0 {
         tracing::debug!(
             "data file: cannot set the copy-on-write extent size hint: {}",
             io::Error::last_os_error()
         );
     }
+}
+
+/// `file`'s `struct fsxattr` (`FS_IOC_FSGETXATTR`).
+fn fs_xattr(file: &File) -> io::Result<FsXattr> {
+    let mut x = FsXattr::default();
+    // SAFETY: `x` is a live `struct fsxattr` that the kernel fills in.
+    if unsafe { libc::ioctl(fd_of(file), FS_IOC_FSGETXATTR, &mut x) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(x)
+}
+
+/// The block size of `file`'s file system (`fstatvfs`), if it says one that fits the hint.
+fn fs_block_size(file: &File) -> Option<u32> {
+    // SAFETY: an all-zero `struct statvfs` is valid.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a live `struct statvfs` that the kernel fills in; the descriptor is open.
+    if unsafe { libc::fstatvfs(fd_of(file), &mut st) } != 0 {
+        return None;
+    }
+    u32::try_from(st.f_bsize).ok().filter(|&b| b != 0)
 }
 
 /// `ioctl(FICLONERANGE)` within one file.
@@ -736,20 +751,13 @@ mod tests {
         if !shared {
             return;
         }
-        let mut x = FsXattr::default();
-        // SAFETY: `x` is a live `struct fsxattr` that the kernel fills in.
-        let r = unsafe { libc::ioctl(fd_of(&f.file), FS_IOC_FSGETXATTR, &mut x) };
-        assert_eq!(r, 0, "{}", io::Error::last_os_error());
-        // SAFETY: an all-zero `struct statvfs` is valid.
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        // SAFETY: `st` is a live `struct statvfs`; the descriptor is open.
-        assert_eq!(unsafe { libc::fstatvfs(fd_of(&f.file), &mut st) }, 0);
+        let x = fs_xattr(&f.file).unwrap();
         assert_ne!(
             x.xflags & FS_XFLAG_COWEXTSIZE,
             0,
             "no copy-on-write extent size hint"
         );
-        assert_eq!(u64::from(x.cowextsize), st.f_bsize);
+        assert_eq!(Some(x.cowextsize), fs_block_size(&f.file));
     }
 
     /// The end of the data is found on open and raised by writes; hole checks past it make no

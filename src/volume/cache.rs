@@ -107,9 +107,10 @@ impl Chunk {
         }
     }
 
-    /// Stores `c` in slot `i`; returns the change in filled slots (0 or 1), or `None` when
-    /// `c` cannot be encoded (a data block of 2^62 or more: left uncached).
-    fn set(&mut self, i: usize, c: Cached) -> Option<u32> {
+    /// Stores `c` in slot `i`; returns the change in filled slots (-1, 0 or 1). A data block
+    /// of 2^62 or more cannot be encoded: the slot is emptied instead (the block stays
+    /// uncached rather than stale).
+    fn set(&mut self, i: usize, c: Cached) -> isize {
         let raw = match c {
             Cached::Unmapped => UNMAPPED,
             Cached::Mapped {
@@ -118,7 +119,7 @@ impl Chunk {
                 epoch,
             } => {
                 if block.0 >> 62 != 0 {
-                    return None;
+                    return -isize::from(self.clear(i));
                 }
                 if epoch > self.epoch {
                     // Older "owned alone" bits would pass for this epoch's: clear them.
@@ -131,9 +132,10 @@ impl Chunk {
                 (block.0 << 2) | MAPPED | u64::from(trusted)
             }
         };
-        let was_empty = self.slots[i] == EMPTY;
+        let added = self.slots[i] == EMPTY;
         self.slots[i] = raw;
-        Some(u32::from(was_empty))
+        self.filled += u32::from(added);
+        isize::from(added)
     }
 
     /// Empties slot `i`; returns whether it was filled.
@@ -228,19 +230,12 @@ impl MappingCache {
             Cached::Mapped { epoch, .. } => epoch,
             Cached::Unmapped => 0,
         };
-        let chunk = s.chunks.entry(key).or_insert_with(|| Chunk::new(epoch));
-        match chunk.set(i, c) {
-            Some(added) => {
-                chunk.filled += added;
-                s.filled += added as usize;
-            }
-            None => {
-                // Not encodable: forget what the slot said rather than keep it stale.
-                if chunk.clear(i) {
-                    s.filled -= 1;
-                }
-            }
-        }
+        let change = s
+            .chunks
+            .entry(key)
+            .or_insert_with(|| Chunk::new(epoch))
+            .set(i, c);
+        s.filled = s.filled.saturating_add_signed(change);
         if s.filled > self.max_filled || s.chunks.len() > self.max_chunks {
             self.evict(s, key);
         }
@@ -271,25 +266,23 @@ impl MappingCache {
             return;
         }
         let (first, last) = (begin.0 / CHUNK, (end.0 - 1) / CHUNK);
-        let in_range = |c: u64| {
-            let lo = (c * CHUNK).max(begin.0);
-            let hi = ((c + 1) * CHUNK).min(end.0);
-            ((lo - c * CHUNK) as usize, (hi - c * CHUNK) as usize)
-        };
+        // Empties the slots of chunk `key` inside the range; drops the chunk if it empties.
         let forget = |s: &mut Shard, key: (DevId, u64)| {
-            let (lo, hi) = in_range(key.1);
             let Some(chunk) = s.chunks.get_mut(&key) else {
                 return;
             };
-            let cleared = (lo..hi).filter(|&i| chunk.clear(i)).count();
+            let base = key.1 * CHUNK;
+            let (lo, hi) = (begin.0.max(base) - base, end.0.min(base + CHUNK) - base);
+            let cleared = (lo as usize..hi as usize)
+                .filter(|&i| chunk.clear(i))
+                .count();
             let empty = chunk.filled == 0;
             s.filled -= cleared;
             if empty {
                 s.chunks.remove(&key);
             }
         };
-        let chunks_cached: usize = (self.max_chunks * SHARDS).max(1);
-        if last - first < chunks_cached as u64 {
+        if last - first < (self.max_chunks * SHARDS) as u64 {
             for c in first..=last {
                 let key = (dev, c);
                 forget(&mut self.shards[self.shard_of(key)].lock(), key);

@@ -1289,31 +1289,19 @@ impl Volume {
         let mut next_copy = copies.iter();
         for (n, (&i, plan)) in todo.iter().zip(&plans).enumerate() {
             let p = ps[i];
+            // The piece's own bytes, at its place in `block`.
+            let piece_at = |block: DataBlock| Run {
+                block,
+                offset: p.offset,
+                len: p.len as u64,
+                bufs: parts[i].clone(),
+            };
             let run = match *plan {
-                Plan::Copy { k, .. } if cloned[n] => Run {
-                    block: new_block(k)?,
-                    offset: p.offset,
-                    len: p.len as u64,
-                    bufs: parts[i].clone(),
-                },
-                Plan::InPlace(block) => Run {
-                    block,
-                    offset: p.offset,
-                    len: p.len as u64,
-                    bufs: parts[i].clone(),
-                },
-                Plan::Fresh(k) => Run {
-                    block: new_block(k)?,
-                    offset: p.offset,
-                    len: p.len as u64,
-                    bufs: parts[i].clone(),
-                },
-                Plan::Copy { k, .. } if p.whole(bs) => Run {
-                    block: new_block(k)?,
-                    offset: 0,
-                    len: bs,
-                    bufs: parts[i].clone(),
-                },
+                Plan::InPlace(block) => piece_at(block),
+                Plan::Fresh(k) => piece_at(new_block(k)?),
+                // Cloned, or covered whole (the piece is then the block): only the piece.
+                Plan::Copy { k, .. } if cloned[n] || p.whole(bs) => piece_at(new_block(k)?),
+                // Read, patched and written whole.
                 Plan::Copy { k, .. } => Run {
                     block: new_block(k)?,
                     offset: 0,
