@@ -15,37 +15,58 @@
 //!
 //! Entries live in chunks of [`CHUNK`] consecutive virtual blocks of one device: an array of
 //! 8-byte slots (0 = not cached, 1 = unmapped, else the data block shifted left by two with
-//! the low bits saying "mapped" and "owned alone"), found through a small hash map of chunks
-//! per shard. A lookup is one probe of that small map, which stays in the CPU's cache, and one
-//! load from the slot array; a map with one entry per block made each lookup two misses
-//! (control bytes, then the 40-byte entry), and in a profile of cached 4 KiB reads `get` was
-//! 11 % of the samples, nearly all of it waiting for those two loads. A 4 GiB volume's
-//! 65 536 blocks take 512 KiB of slots.
+//! the low bits saying "mapped" and "owned alone"). A map with one entry per block made each
+//! lookup two misses (control bytes, then the 40-byte entry), and in a profile of cached
+//! 4 KiB reads `get` was 11 % of the samples, nearly all of it waiting for those two loads.
+//! A 4 GiB volume's 65 536 blocks take 512 KiB of slots.
 //!
-//! The snapshot epoch is kept per chunk: every "owned alone" in a chunk was learned under the
-//! chunk's epoch. An entry of a newer epoch clears the older ones' "owned alone" bits first
-//! (only snapshots move an epoch, so that is rare); an entry of an older epoch is stored as
-//! not owned alone, which is what its reader would make of it anyway.
+//! Chunk layout in memory (`repr(C)`, 544 bytes of `AtomicU64`s): `seq`, `dev` (the device
+//! id, or `u64::MAX` while free), `number` (virtual block / 64), `epoch`, then the 64 slots;
+//! the first four share the first cache line with slots 0–3.
 //!
-//! A chunk lives in the shard of its (device, chunk number), so a placement group's entries
-//! (`place.rs`, 16 blocks inside one chunk) go in under one lock ([`MappingCache::put_all`]).
-//! The chunk maps are hashed with foldhash, seeded at random per process: a guest picks the
-//! block numbers, so the seed must not be fixed.
+//! Each of the 16 shards keeps its chunks in an arena (allocated 32 chunks at a time, as
+//! needed, and kept until the cache goes) and finds them through an index table: open
+//! addressing with linear probing, one u64 per entry (`0` vacant, `u64::MAX` removed, else 32
+//! bits of the key's hash above the arena index + 1), at most half full of live entries and
+//! rebuilt when removed ones would fill it to three quarters. A chunk lives in the shard of
+//! its (device, chunk number), so a placement group's entries (`place.rs`, 16 blocks inside
+//! one chunk) go in under one lock ([`MappingCache::put_all`]). Keys are hashed with
+//! foldhash, seeded at random per process: a guest picks the block numbers, so the seed must
+//! not be fixed.
+//!
+//! # Lookups take no lock
+//!
+//! Every change happens under the shard's lock; lookups take none. In a profile of cached
+//! 4 KiB reads, taking the shard's lock was a fifth of `get`'s samples: the lock's cache line
+//! moved between the two cores on every lookup. Now a lookup probes the table, and checks the
+//! chunk it finds with the chunk's sequence number (a seqlock): a chunk's key and epoch change
+//! only between an odd and the next even `seq`, so a lookup that read the same even `seq`
+//! before and after reading the key, the slot and the epoch read them together, and returns
+//! the slot only when the key is its own. A single slot changes by one atomic store, seen
+//! whole or not at all, and needs no `seq`. Chunks are never freed while the cache lives, so
+//! a lookup that reaches a chunk just given up or given to another key reads valid memory and
+//! a key that is not its own. A lookup that keeps meeting changes takes the lock. A rebuild
+//! of the table can make a lookup miss; nothing can make it return an entry that was not, at
+//! some instant during the call, the cache's entry for that block.
 //!
 //! # Bounds
 //!
 //! Each shard holds at most its share of `capacity` entries, and at most its share of
-//! `capacity / 8` chunks (so memory stays near the 64 bytes per entry of capacity that a map
-//! of single entries took, however sparsely the blocks fall: a chunk is about 530 bytes).
+//! `capacity / 8` chunks (so memory stays below about 72 bytes per entry of capacity, however
+//! sparsely the blocks fall: a chunk is 544 bytes, and the index table, allocated whole when
+//! the cache is made, takes 16 to 32 bytes per chunk of the bound; a map of single entries
+//! took about 64 bytes per entry).
 //! When either bound is passed, an arbitrary eighth of the shard's other chunks is dropped.
 //! One chunk always fits, so the cache holds at most `max(capacity, SHARDS * CHUNK)` entries.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering, fence};
 
 use crossbeam_utils::CachePadded;
 use foldhash::fast::RandomState;
-use parking_lot::{Mutex, MutexGuard};
+use parking_lot::Mutex;
 
 use crate::units::{DataBlock, DevId, VirtBlock};
 
@@ -57,11 +78,25 @@ const CHUNK: u64 = 64;
 /// Chunks allowed per entry of capacity, over all shards: one chunk per this many entries.
 const ENTRIES_PER_CHUNK_BOUND: usize = 8;
 
+/// Chunks allocated together in a shard's arena.
+const SEGMENT: usize = 32;
+
+/// Times a lookup retries without the lock when it meets a chunk being changed.
+const OPTIMISTIC_TRIES: usize = 3;
+
 /// Slot values (see the module docs).
 const EMPTY: u64 = 0;
 const UNMAPPED: u64 = 1;
 const MAPPED: u64 = 0b10;
 const EXCLUSIVE: u64 = 0b01;
+
+/// A chunk's `dev` while it holds no device's blocks (device ids are 24 bits).
+const NO_DEV: u64 = u64::MAX;
+
+/// Index table entries: `VACANT` ends a probe, `GONE` (a removed entry) does not; any other
+/// value is `tag << 32 | (arena index + 1)`, the tag being 32 bits of the chunk key's hash.
+const VACANT: u64 = 0;
+const GONE: u64 = u64::MAX;
 
 /// What the cache knows about one virtual block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,40 +112,89 @@ pub(crate) enum Cached {
     },
 }
 
-/// The slots of [`CHUNK`] consecutive virtual blocks of one device.
+/// The slots of [`CHUNK`] consecutive virtual blocks of one device, in a shard's arena.
+///
+/// Changed only under the shard's lock, read with or without it. A change of key or epoch is
+/// bracketed by `seq` (odd while it lasts); a slot alone is changed by one atomic store, which
+/// a reader sees whole or not at all. `repr(C)` keeps the layout the module docs describe.
+#[repr(C)]
 struct Chunk {
+    /// Seqlock sequence: even while the key and epoch are stable.
+    seq: AtomicU64,
+    /// The device of the key ([`NO_DEV`] while the chunk is free).
+    dev: AtomicU64,
+    /// The chunk number of the key (virtual block / [`CHUNK`]).
+    number: AtomicU64,
     /// The snapshot epoch every "owned alone" bit in `slots` was learned under.
-    epoch: u64,
-    /// Slots not [`EMPTY`].
-    filled: u32,
-    slots: [u64; CHUNK as usize],
+    epoch: AtomicU64,
+    slots: [AtomicU64; CHUNK as usize],
 }
 
 impl Chunk {
-    fn new(epoch: u64) -> Box<Chunk> {
-        Box::new(Chunk {
-            epoch,
-            filled: 0,
-            slots: [EMPTY; CHUNK as usize],
-        })
+    fn free() -> Chunk {
+        Chunk {
+            seq: AtomicU64::new(0),
+            dev: AtomicU64::new(NO_DEV),
+            number: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
+            slots: [const { AtomicU64::new(EMPTY) }; CHUNK as usize],
+        }
     }
 
-    fn get(&self, i: usize) -> Option<Cached> {
-        match self.slots[i] {
+    /// Starts a change of key or epoch (shard lock held); returns the value `end` takes.
+    fn begin(&self) -> u64 {
+        let s = self.seq.load(Ordering::Relaxed);
+        self.seq.store(s + 1, Ordering::Relaxed);
+        // Orders the odd sequence before the stores of the change, for readers that see one.
+        fence(Ordering::Release);
+        s
+    }
+
+    /// Ends the change `begin` started.
+    fn end(&self, s: u64) {
+        self.seq.store(s + 2, Ordering::Release);
+    }
+
+    /// Slot `i` with the chunk's epoch; exact when no change can run (shard lock held), or
+    /// when the caller checks `seq` around it.
+    fn read(&self, i: usize) -> Option<Cached> {
+        let raw = self.slots[i].load(Ordering::Acquire);
+        let epoch = self.epoch.load(Ordering::Relaxed);
+        match raw {
             EMPTY => None,
             UNMAPPED => Some(Cached::Unmapped),
             raw => Some(Cached::Mapped {
                 block: DataBlock(raw >> 2),
                 exclusive: raw & EXCLUSIVE != 0,
-                epoch: self.epoch,
+                epoch,
             }),
         }
     }
 
-    /// Stores `c` in slot `i`; returns the change in filled slots (-1, 0 or 1). A data block
-    /// of 2^62 or more cannot be encoded: the slot is emptied instead (the block stays
-    /// uncached rather than stale).
-    fn set(&mut self, i: usize, c: Cached) -> isize {
+    /// Slot `i` if the chunk holds `key`, read without the shard lock. `Err` when a change
+    /// ran meanwhile (try again).
+    fn read_unlocked(&self, key: (DevId, u64), i: usize) -> Result<Option<Option<Cached>>, ()> {
+        let s1 = self.seq.load(Ordering::Acquire);
+        if s1 & 1 == 1 {
+            return Err(());
+        }
+        let held = (
+            self.dev.load(Ordering::Relaxed),
+            self.number.load(Ordering::Relaxed),
+        );
+        let value = self.read(i);
+        // Any load above that saw a change's store makes `seq` below show that change.
+        fence(Ordering::Acquire);
+        if self.seq.load(Ordering::Relaxed) != s1 {
+            return Err(());
+        }
+        Ok((held == (u64::from(key.0.0), key.1)).then_some(value))
+    }
+
+    /// Stores `c` in slot `i` (shard lock held); returns the change in filled slots (-1, 0
+    /// or 1). A data block of 2^62 or more cannot be encoded: the slot is emptied instead
+    /// (the block stays uncached rather than stale).
+    fn set(&self, i: usize, c: Cached) -> isize {
         let raw = match c {
             Cached::Unmapped => UNMAPPED,
             Cached::Mapped {
@@ -121,44 +205,166 @@ impl Chunk {
                 if block.0 >> 62 != 0 {
                     return -isize::from(self.clear(i));
                 }
-                if epoch > self.epoch {
-                    // Older "owned alone" bits would pass for this epoch's: clear them.
-                    for s in self.slots.iter_mut().filter(|s| **s > UNMAPPED) {
-                        *s &= !EXCLUSIVE;
+                let mut current = self.epoch.load(Ordering::Relaxed);
+                if epoch > current {
+                    // Older "owned alone" bits would pass for this epoch's: clear them, in
+                    // one change with the epoch, so no reader pairs an old bit with it.
+                    let s = self.begin();
+                    for slot in &self.slots {
+                        let v = slot.load(Ordering::Relaxed);
+                        if v > UNMAPPED {
+                            slot.store(v & !EXCLUSIVE, Ordering::Relaxed);
+                        }
                     }
-                    self.epoch = epoch;
+                    self.epoch.store(epoch, Ordering::Relaxed);
+                    self.end(s);
+                    current = epoch;
                 }
-                let trusted = exclusive && epoch == self.epoch;
+                let trusted = exclusive && epoch == current;
                 (block.0 << 2) | MAPPED | u64::from(trusted)
             }
         };
-        let added = self.slots[i] == EMPTY;
-        self.slots[i] = raw;
-        self.filled += u32::from(added);
-        isize::from(added)
+        let was = self.slots[i].swap(raw, Ordering::Release);
+        isize::from(was == EMPTY)
     }
 
-    /// Empties slot `i`; returns whether it was filled.
-    fn clear(&mut self, i: usize) -> bool {
-        let was = self.slots[i] != EMPTY;
-        self.slots[i] = EMPTY;
-        self.filled -= u32::from(was);
-        was
+    /// Empties slot `i` (shard lock held); returns whether it was filled.
+    fn clear(&self, i: usize) -> bool {
+        self.slots[i].swap(EMPTY, Ordering::Release) != EMPTY
+    }
+
+    /// Gives the chunk `key`, empty (shard lock held; the chunk is free).
+    fn claim(&self, key: (DevId, u64), epoch: u64) {
+        let s = self.begin();
+        self.dev.store(u64::from(key.0.0), Ordering::Relaxed);
+        self.number.store(key.1, Ordering::Relaxed);
+        self.epoch.store(epoch, Ordering::Relaxed);
+        self.end(s);
+    }
+
+    /// Empties the chunk and frees it (shard lock held).
+    fn release(&self) {
+        let s = self.begin();
+        self.dev.store(NO_DEV, Ordering::Relaxed);
+        for slot in &self.slots {
+            slot.store(EMPTY, Ordering::Relaxed);
+        }
+        self.end(s);
     }
 }
 
-/// (device, chunk number) → chunk, and how many slots are filled in them all.
+/// What the writers of a shard keep under its lock about one chunk in use.
+struct Held {
+    /// Index in the shard's arena.
+    index: u32,
+    /// Position of its entry in the shard's index table.
+    pos: usize,
+    /// Slots not [`EMPTY`].
+    filled: u32,
+}
+
+/// The writers' side of a shard, under its lock.
 #[derive(Default)]
-struct Shard {
-    chunks: HashMap<(DevId, u64), Box<Chunk>, RandomState>,
+struct Writers {
+    chunks: HashMap<(DevId, u64), Held, RandomState>,
+    /// Arena indices of free chunks that were used before.
+    spare: Vec<u32>,
+    /// Arena indices from here on were never used.
+    unused: u32,
+    /// Filled slots in all of the shard's chunks.
     filled: usize,
+    /// [`GONE`] entries in the index table.
+    gone: usize,
 }
 
-/// A sharded, bounded map; see the module docs. Each shard (its lock and its table's header)
-/// is alone on its cache line, so that two threads locking neighbouring shards do not write
-/// the same line.
+/// One shard: an index table and an arena of chunks, both read without a lock, and a lock
+/// that every change takes.
+struct Shard {
+    /// Open addressing with linear probing; see [`VACANT`] and [`GONE`].
+    table: Box<[AtomicU64]>,
+    /// The arena, a segment of [`SEGMENT`] chunks at a time, allocated on first use and kept
+    /// until the cache goes (a reader may still look at a chunk that was given up).
+    segments: Box<[OnceLock<Box<[Chunk]>>]>,
+    /// Alone on its cache line: readers never write it, and their loads of the fields above
+    /// must not meet the writers' stores to it.
+    writers: CachePadded<Mutex<Writers>>,
+}
+
+impl Shard {
+    fn new(max_chunks: usize) -> Shard {
+        // One chunk more than the bound: a chunk is added before the eviction it causes.
+        let arena = max_chunks + 1;
+        Shard {
+            table: (0..(2 * arena).next_power_of_two().max(8))
+                .map(|_| AtomicU64::new(VACANT))
+                .collect(),
+            segments: (0..arena.div_ceil(SEGMENT))
+                .map(|_| OnceLock::new())
+                .collect(),
+            writers: CachePadded::new(Mutex::new(Writers::default())),
+        }
+    }
+
+    /// The chunk at arena `index`, if its segment exists.
+    fn chunk(&self, index: u32) -> Option<&Chunk> {
+        let index = index as usize;
+        self.segments
+            .get(index / SEGMENT)?
+            .get()
+            .map(|seg| &seg[index % SEGMENT])
+    }
+
+    /// Where a probe for `hash` starts, and the tag its entries carry.
+    fn probe_start(&self, hash: u64) -> (usize, u64) {
+        // The low bits chose the shard; the table takes the bits above them.
+        ((hash >> 8) as usize & (self.table.len() - 1), hash >> 32)
+    }
+
+    /// Slot `i` of chunk `key`, without the lock; `Err` when a chunk on the way was being
+    /// changed. A miss may be false while the table is rebuilt, never a hit.
+    fn peek(&self, hash: u64, key: (DevId, u64), i: usize) -> Result<Option<Cached>, ()> {
+        let (mut pos, tag) = self.probe_start(hash);
+        let mask = self.table.len() - 1;
+        for _ in 0..self.table.len() {
+            let e = self.table[pos].load(Ordering::Acquire);
+            if e == VACANT {
+                return Ok(None);
+            }
+            if e != GONE && e >> 32 == tag {
+                if let Some(chunk) = self.chunk((e as u32).wrapping_sub(1)) {
+                    if let Some(found) = chunk.read_unlocked(key, i)? {
+                        return Ok(found);
+                    }
+                }
+            }
+            pos = (pos + 1) & mask;
+        }
+        Ok(None)
+    }
+
+    /// Puts an entry for arena `index` into the table (lock held); returns its position.
+    fn link(&self, w: &mut Writers, hash: u64, index: u32) -> usize {
+        let (mut pos, tag) = self.probe_start(hash);
+        let mask = self.table.len() - 1;
+        // The table has room: at most half of it is live (see `new`), and `unlink` rebuilds
+        // it before removed entries fill the rest.
+        loop {
+            let e = self.table[pos].load(Ordering::Relaxed);
+            if e == VACANT || e == GONE {
+                if e == GONE {
+                    w.gone -= 1;
+                }
+                self.table[pos].store(tag << 32 | (u64::from(index) + 1), Ordering::Release);
+                return pos;
+            }
+            pos = (pos + 1) & mask;
+        }
+    }
+}
+
+/// A sharded, bounded map whose lookups take no lock; see the module docs.
 pub(crate) struct MappingCache {
-    shards: Vec<CachePadded<Mutex<Shard>>>,
+    shards: Vec<Shard>,
     /// Filled slots per shard at most (but one chunk always fits).
     max_filled: usize,
     /// Chunks per shard at most.
@@ -169,12 +375,14 @@ pub(crate) struct MappingCache {
 impl MappingCache {
     /// A cache of at most about `capacity` entries (see the module docs for the bounds).
     pub(crate) fn new(capacity: usize) -> MappingCache {
+        // Arena indices are u32 (and index + 1 must not be u32::MAX, see GONE).
+        let max_chunks = (capacity / ENTRIES_PER_CHUNK_BOUND)
+            .div_ceil(SHARDS)
+            .clamp(1, 1 << 30);
         MappingCache {
-            shards: (0..SHARDS)
-                .map(|_| CachePadded::new(Mutex::new(Shard::default())))
-                .collect(),
+            shards: (0..SHARDS).map(|_| Shard::new(max_chunks)).collect(),
             max_filled: capacity.div_ceil(SHARDS).max(1),
-            max_chunks: (capacity / ENTRIES_PER_CHUNK_BOUND).div_ceil(SHARDS).max(1),
+            max_chunks,
             hasher: RandomState::default(),
         }
     }
@@ -184,23 +392,32 @@ impl MappingCache {
         ((dev, v.0 / CHUNK), (v.0 % CHUNK) as usize)
     }
 
-    /// The index of the shard that holds chunk `key`.
-    fn shard_of(&self, key: (DevId, u64)) -> usize {
+    /// The hash of chunk `key` and the shard that holds it.
+    fn shard_of(&self, key: (DevId, u64)) -> (u64, &Shard) {
+        let hash = self.hasher.hash_one(key);
         // The modulo keeps the index in range.
-        (self.hasher.hash_one(key) as usize) % SHARDS
+        (hash, &self.shards[hash as usize % SHARDS])
     }
 
+    /// What the cache knows of `v` of `dev`. Takes no lock unless a chunk on the way is
+    /// being changed (a snapshot's new epoch, an eviction) several times over.
     pub(crate) fn get(&self, dev: DevId, v: VirtBlock) -> Option<Cached> {
         let (key, i) = Self::locate(dev, v);
-        let s = self.shards[self.shard_of(key)].lock();
-        s.chunks.get(&key).and_then(|c| c.get(i))
+        let (hash, shard) = self.shard_of(key);
+        for _ in 0..OPTIMISTIC_TRIES {
+            match shard.peek(hash, key, i) {
+                Ok(found) => return found,
+                Err(()) => std::hint::spin_loop(),
+            }
+        }
+        let w = shard.writers.lock();
+        let held = w.chunks.get(&key)?;
+        shard.chunk(held.index)?.read(i)
     }
 
     /// Records what the caller just learned under the pool lock.
     pub(crate) fn put(&self, dev: DevId, v: VirtBlock, c: Cached) {
-        let (key, i) = Self::locate(dev, v);
-        let mut s = self.shards[self.shard_of(key)].lock();
-        self.insert(&mut s, key, i, c);
+        self.put_all(dev, [(v, c)]);
     }
 
     /// [`put`](MappingCache::put) for each of `entries`, locking a shard once for a run of
@@ -210,43 +427,117 @@ impl MappingCache {
         dev: DevId,
         entries: impl IntoIterator<Item = (VirtBlock, Cached)>,
     ) {
-        let mut held: Option<(usize, MutexGuard<'_, Shard>)> = None;
+        let mut held: Option<(usize, parking_lot::MutexGuard<'_, Writers>)> = None;
         for (v, c) in entries {
             let (key, i) = Self::locate(dev, v);
-            let n = self.shard_of(key);
+            let (hash, shard) = self.shard_of(key);
+            let n = hash as usize % SHARDS;
             if held.as_ref().is_none_or(|(h, _)| *h != n) {
                 // One shard lock at a time: let go of the last before taking the next.
                 drop(held.take());
-                held = Some((n, self.shards[n].lock()));
+                held = Some((n, shard.writers.lock()));
             }
-            if let Some((_, s)) = held.as_mut() {
-                self.insert(s, key, i, c);
+            if let Some((_, w)) = held.as_mut() {
+                self.insert(shard, w, hash, key, i, c);
             }
         }
     }
 
-    fn insert(&self, s: &mut Shard, key: (DevId, u64), i: usize, c: Cached) {
+    fn insert(
+        &self,
+        shard: &Shard,
+        w: &mut Writers,
+        hash: u64,
+        key: (DevId, u64),
+        i: usize,
+        c: Cached,
+    ) {
         let epoch = match c {
             Cached::Mapped { epoch, .. } => epoch,
             Cached::Unmapped => 0,
         };
-        let change = s
-            .chunks
-            .entry(key)
-            .or_insert_with(|| Chunk::new(epoch))
-            .set(i, c);
-        s.filled = s.filled.saturating_add_signed(change);
-        if s.filled > self.max_filled || s.chunks.len() > self.max_chunks {
-            self.evict(s, key);
+        let index = match w.chunks.get(&key) {
+            Some(h) => h.index,
+            None => {
+                let Some(index) = self.new_chunk(shard, w) else {
+                    return;
+                };
+                if let Some(chunk) = shard.chunk(index) {
+                    chunk.claim(key, epoch);
+                }
+                let pos = shard.link(w, hash, index);
+                w.chunks.insert(
+                    key,
+                    Held {
+                        index,
+                        pos,
+                        filled: 0,
+                    },
+                );
+                index
+            }
+        };
+        let change = shard.chunk(index).map_or(0, |chunk| chunk.set(i, c));
+        if let Some(h) = w.chunks.get_mut(&key) {
+            h.filled = h.filled.saturating_add_signed(change as i32);
+        }
+        w.filled = w.filled.saturating_add_signed(change);
+        if w.filled > self.max_filled || w.chunks.len() > self.max_chunks {
+            self.evict(shard, w, key);
+        }
+    }
+
+    /// A free chunk of `shard`'s arena (lock held), allocating its segment when new.
+    fn new_chunk(&self, shard: &Shard, w: &mut Writers) -> Option<u32> {
+        if let Some(index) = w.spare.pop() {
+            return Some(index);
+        }
+        let index = w.unused;
+        let seg = shard.segments.get(index as usize / SEGMENT)?;
+        seg.get_or_init(|| (0..SEGMENT).map(|_| Chunk::free()).collect());
+        w.unused += 1;
+        Some(index)
+    }
+
+    /// Frees chunk `key` of `shard` (lock held).
+    fn drop_chunk(&self, shard: &Shard, w: &mut Writers, key: (DevId, u64)) {
+        let Some(h) = w.chunks.remove(&key) else {
+            return;
+        };
+        w.filled -= h.filled as usize;
+        shard.table[h.pos].store(GONE, Ordering::Release);
+        w.gone += 1;
+        if let Some(chunk) = shard.chunk(h.index) {
+            chunk.release();
+        }
+        w.spare.push(h.index);
+        if w.chunks.len() + w.gone > shard.table.len() / 4 * 3 {
+            self.rebuild(shard, w);
+        }
+    }
+
+    /// Rewrites `shard`'s index table without its removed entries (lock held). Lookups that
+    /// run meanwhile may miss; they never find a wrong chunk (they check its key).
+    fn rebuild(&self, shard: &Shard, w: &mut Writers) {
+        for e in shard.table.iter() {
+            e.store(VACANT, Ordering::Relaxed);
+        }
+        w.gone = 0;
+        let keys: Vec<((DevId, u64), u32)> = w.chunks.iter().map(|(k, h)| (*k, h.index)).collect();
+        for (key, index) in keys {
+            let pos = shard.link(w, self.hasher.hash_one(key), index);
+            if let Some(h) = w.chunks.get_mut(&key) {
+                h.pos = pos;
+            }
         }
     }
 
     /// Drops an arbitrary eighth (at least one) of the shard's chunks other than `keep`
     /// (hash order is effectively random), so the cost of eviction is amortised over many
     /// inserts.
-    fn evict(&self, s: &mut Shard, keep: (DevId, u64)) {
-        let n = (s.chunks.len() / 8).max(1);
-        let victims: Vec<(DevId, u64)> = s
+    fn evict(&self, shard: &Shard, w: &mut Writers, keep: (DevId, u64)) {
+        let n = (w.chunks.len() / 8).max(1);
+        let victims: Vec<(DevId, u64)> = w
             .chunks
             .keys()
             .filter(|k| **k != keep)
@@ -254,9 +545,36 @@ impl MappingCache {
             .copied()
             .collect();
         for k in victims {
-            if let Some(c) = s.chunks.remove(&k) {
-                s.filled -= c.filled as usize;
-            }
+            self.drop_chunk(shard, w, k);
+        }
+    }
+
+    /// Empties the slots of chunk `key` inside `[begin, end)`; frees the chunk if it empties
+    /// (lock held).
+    fn forget_in(
+        &self,
+        shard: &Shard,
+        w: &mut Writers,
+        key: (DevId, u64),
+        begin: VirtBlock,
+        end: VirtBlock,
+    ) {
+        let Some(h) = w.chunks.get_mut(&key) else {
+            return;
+        };
+        let Some(chunk) = shard.chunk(h.index) else {
+            return;
+        };
+        let base = key.1 * CHUNK;
+        let (lo, hi) = (begin.0.max(base) - base, end.0.min(base + CHUNK) - base);
+        let cleared = (lo as usize..hi as usize)
+            .filter(|&i| chunk.clear(i))
+            .count();
+        h.filled -= cleared as u32;
+        let empty = h.filled == 0;
+        w.filled -= cleared;
+        if empty {
+            self.drop_chunk(shard, w, key);
         }
     }
 
@@ -266,39 +584,24 @@ impl MappingCache {
             return;
         }
         let (first, last) = (begin.0 / CHUNK, (end.0 - 1) / CHUNK);
-        // Empties the slots of chunk `key` inside the range; drops the chunk if it empties.
-        let forget = |s: &mut Shard, key: (DevId, u64)| {
-            let Some(chunk) = s.chunks.get_mut(&key) else {
-                return;
-            };
-            let base = key.1 * CHUNK;
-            let (lo, hi) = (begin.0.max(base) - base, end.0.min(base + CHUNK) - base);
-            let cleared = (lo as usize..hi as usize)
-                .filter(|&i| chunk.clear(i))
-                .count();
-            let empty = chunk.filled == 0;
-            s.filled -= cleared;
-            if empty {
-                s.chunks.remove(&key);
-            }
-        };
         if last - first < (self.max_chunks * SHARDS) as u64 {
             for c in first..=last {
                 let key = (dev, c);
-                forget(&mut self.shards[self.shard_of(key)].lock(), key);
+                let (_, shard) = self.shard_of(key);
+                self.forget_in(shard, &mut shard.writers.lock(), key, begin, end);
             }
         } else {
             // More chunks in the range than the cache can hold: visit what it holds.
             for shard in &self.shards {
-                let mut s = shard.lock();
-                let keys: Vec<(DevId, u64)> = s
+                let mut w = shard.writers.lock();
+                let keys: Vec<(DevId, u64)> = w
                     .chunks
                     .keys()
                     .filter(|(d, c)| *d == dev && (first..=last).contains(c))
                     .copied()
                     .collect();
                 for key in keys {
-                    forget(&mut s, key);
+                    self.forget_in(shard, &mut w, key, begin, end);
                 }
             }
         }
@@ -307,22 +610,22 @@ impl MappingCache {
     /// Forgets every entry of `dev` (deleted: its id may be reused).
     pub(crate) fn forget_device(&self, dev: DevId) {
         for shard in &self.shards {
-            let mut s = shard.lock();
-            let mut dropped = 0;
-            s.chunks.retain(|(d, _), c| {
-                let keep = *d != dev;
-                if !keep {
-                    dropped += c.filled as usize;
-                }
-                keep
-            });
-            s.filled -= dropped;
+            let mut w = shard.writers.lock();
+            let keys: Vec<(DevId, u64)> = w
+                .chunks
+                .keys()
+                .filter(|(d, _)| *d == dev)
+                .copied()
+                .collect();
+            for key in keys {
+                self.drop_chunk(shard, &mut w, key);
+            }
         }
     }
 
     /// Number of entries (tests, memory figures).
     pub(crate) fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().filled).sum()
+        self.shards.iter().map(|s| s.writers.lock().filled).sum()
     }
 }
 
@@ -343,7 +646,11 @@ mod tests {
         for v in 0..10_000 {
             sparse.put(DevId(1), VirtBlock(v * CHUNK), Cached::Unmapped);
         }
-        let chunks: usize = sparse.shards.iter().map(|s| s.lock().chunks.len()).sum();
+        let chunks: usize = sparse
+            .shards
+            .iter()
+            .map(|s| s.writers.lock().chunks.len())
+            .sum();
         assert!(chunks <= SHARDS * sparse.max_chunks, "{chunks} chunks");
         c.put(DevId(2), VirtBlock(5), Cached::Unmapped);
         c.put(DevId(2), VirtBlock(6), Cached::Unmapped);
@@ -387,6 +694,84 @@ mod tests {
             "{} entries",
             small.len()
         );
+    }
+
+    /// Lookups without the lock, while a writer moves epochs, evicts, reuses chunks for other
+    /// keys and so rebuilds the index tables: every hit must be an entry that was put for
+    /// that block, and "owned alone" only with the epoch it was put under.
+    #[test]
+    fn lookups_without_the_lock_see_whole_entries() {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicBool;
+
+        // Two chunks per shard: nearly every put evicts or reuses a chunk.
+        let c = Arc::new(MappingCache::new(SHARDS * 16));
+        let block_of = |dev: u32, v: u64, epoch: u64| (u64::from(dev) << 56) | (v << 32) | epoch;
+        let done = Arc::new(AtomicBool::new(false));
+        let readers: Vec<_> = (0..2)
+            .map(|r| {
+                let (c, done) = (Arc::clone(&c), Arc::clone(&done));
+                std::thread::spawn(move || {
+                    let (mut hits, mut owned, mut n) = (0u64, 0u64, r as u64);
+                    while !done.load(Ordering::Relaxed) {
+                        n = n
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        let (dev, v) = (1 + (n >> 60) as u32 % 3, (n >> 20) % (CHUNK * 8));
+                        if let Some(Cached::Mapped {
+                            block,
+                            exclusive,
+                            epoch,
+                        }) = c.get(DevId(dev), VirtBlock(v))
+                        {
+                            hits += 1;
+                            assert_eq!(
+                                block.0 >> 32,
+                                block_of(dev, v, 0) >> 32,
+                                "dev {dev} block {v}"
+                            );
+                            if exclusive {
+                                owned += 1;
+                                assert_eq!(epoch, block.0 & 0xffff_ffff, "dev {dev} block {v}");
+                            }
+                        }
+                    }
+                    (hits, owned)
+                })
+            })
+            .collect();
+        let (mut n, start) = (7u64, std::time::Instant::now());
+        for round in 0u64.. {
+            if round % 1024 == 0 && start.elapsed() > std::time::Duration::from_secs(1) {
+                break;
+            }
+            n = n
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let (dev, v) = (1 + (n >> 60) as u32 % 3, (n >> 20) % (CHUNK * 8));
+            // The epoch moves every 16 puts; now and then a put comes from an older one.
+            let epoch = (round / 16 + 1).saturating_sub(n >> 62 & 1);
+            c.put(
+                DevId(dev),
+                VirtBlock(v),
+                Cached::Mapped {
+                    block: DataBlock(block_of(dev, v, epoch)),
+                    exclusive: true,
+                    epoch,
+                },
+            );
+            match round % 50_000 {
+                0 => c.forget_device(DevId(dev)),
+                25_000 => c.forget_range(DevId(dev), VirtBlock(v), VirtBlock(v + CHUNK)),
+                _ => {}
+            }
+        }
+        done.store(true, Ordering::Relaxed);
+        for r in readers {
+            let (hits, owned) = r.join().expect("reader");
+            assert!(hits > 0 && owned > 0, "{hits} hits, {owned} owned alone");
+        }
+        assert!(c.len() <= SHARDS * CHUNK as usize);
     }
 
     #[test]
