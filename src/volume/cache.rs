@@ -346,8 +346,8 @@ impl Shard {
     fn link(&self, w: &mut Writers, hash: u64, index: u32) -> usize {
         let (mut pos, tag) = self.probe_start(hash);
         let mask = self.table.len() - 1;
-        // The table has room: at most half of it is live (see `new`), and `unlink` rebuilds
-        // it before removed entries fill the rest.
+        // The table has room: at most half of it is live (see `new`), and `drop_chunk`
+        // rebuilds it before removed entries fill the rest.
         loop {
             let e = self.table[pos].load(Ordering::Relaxed);
             if e == VACANT || e == GONE {
