@@ -696,6 +696,46 @@ mod tests {
         );
     }
 
+    /// A lookup that read a table entry just before its chunk was dropped and given to another
+    /// key (the entry put back by hand, as that lookup still holds it) must not return the
+    /// other key's entry.
+    #[test]
+    fn a_stale_table_entry_never_finds_another_keys_chunk() {
+        let c = MappingCache::new(1 << 16);
+        let mapped = |block: u64| Cached::Mapped {
+            block: DataBlock(block),
+            exclusive: true,
+            epoch: 1,
+        };
+        let a = (DevId(1), 0u64);
+        let (hash_a, shard) = c.shard_of(a);
+        c.put(a.0, VirtBlock(0), mapped(10));
+        let (pos, entry) = {
+            let w = shard.writers.lock();
+            let pos = w.chunks[&a].pos;
+            (pos, shard.table[pos].load(Ordering::Relaxed))
+        };
+        c.forget_device(a.0);
+        // A key of the same shard, whose table entry goes elsewhere: its new chunk reuses
+        // A's (the last one freed).
+        let b = (1..)
+            .map(|n| (DevId(2), n))
+            .find(|&k| {
+                let h = c.shard_of(k).0;
+                h as usize % SHARDS == hash_a as usize % SHARDS && shard.probe_start(h).0 != pos
+            })
+            .expect("a key in the same shard");
+        c.put(b.0, VirtBlock(b.1 * CHUNK), mapped(20));
+        assert_eq!(
+            shard.writers.lock().chunks[&b].index as u64 + 1,
+            entry & 0xffff_ffff,
+            "B took A's chunk"
+        );
+        shard.table[pos].store(entry, Ordering::Relaxed);
+        assert_eq!(c.get(a.0, VirtBlock(0)), None);
+        assert_eq!(c.get(b.0, VirtBlock(b.1 * CHUNK)), Some(mapped(20)));
+    }
+
     /// Lookups without the lock, while a writer moves epochs, evicts, reuses chunks for other
     /// keys and so rebuilds the index tables: every hit must be an entry that was put for
     /// that block, and "owned alone" only with the epoch it was put under.
