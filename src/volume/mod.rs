@@ -7,7 +7,7 @@
 //! describes the data path and argues each invariant of DESIGN.md; in short:
 //!
 //! - **Overwrite of an owned block** (cached as owned alone): one write to the data file, no
-//!   lock beyond the cache shard, no metadata change. The pieces of a large request that land
+//!   lock (the cache's lookups take none), no metadata change. The pieces of a large request that land
 //!   on consecutive data blocks go out as one vectored syscall.
 //! - **First write to an unmapped block**: reserve a data block, make sure it reads as zeros (a
 //!   `SEEK_DATA`, normally), write only the bytes given, then insert the mapping under the
@@ -1102,7 +1102,7 @@ impl Volume {
         let bs = sh.block_size;
         let len = iov_len(bufs);
         if let Some(p) = single_piece(offset, len, bs) {
-            // Fast path: a block this device owns alone. No lock but the cache shard's.
+            // Fast path: a block this device owns alone. No lock (cache lookups take none).
             {
                 let _io = sh.grace.enter();
                 if let Some(block) = self.cached_owned(p.vblock) {
