@@ -478,10 +478,13 @@ impl MappingCache {
             }
         };
         let change = shard.chunk(index).map_or(0, |chunk| chunk.set(i, c));
-        if let Some(h) = w.chunks.get_mut(&key) {
-            h.filled = h.filled.saturating_add_signed(change as i32);
+        // 0 when an entry was replaced, the usual case: then no count needs a second lookup.
+        if change != 0 {
+            if let Some(h) = w.chunks.get_mut(&key) {
+                h.filled = h.filled.saturating_add_signed(change as i32);
+            }
+            w.filled = w.filled.saturating_add_signed(change);
         }
-        w.filled = w.filled.saturating_add_signed(change);
         if w.filled > self.max_filled || w.chunks.len() > self.max_chunks {
             self.evict(shard, w, key);
         }

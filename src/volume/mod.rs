@@ -7,8 +7,8 @@
 //! describes the data path and argues each invariant of DESIGN.md; in short:
 //!
 //! - **Overwrite of an owned block** (cached as owned alone): one write to the data file, no
-//!   lock (the cache's lookups take none), no metadata change. The pieces of a large request that land
-//!   on consecutive data blocks go out as one vectored syscall.
+//!   lock (the cache's lookups take none), no metadata change. The pieces of a large request
+//!   that land on consecutive data blocks go out as one vectored syscall.
 //! - **First write to an unmapped block**: reserve a data block, make sure it reads as zeros (a
 //!   `SEEK_DATA`, normally), write only the bytes given, then insert the mapping under the
 //!   write lock (one acquisition for all the inserts queued at that moment: `combine.rs`;
