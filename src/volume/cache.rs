@@ -257,6 +257,8 @@ impl Chunk {
 struct Held {
     /// Index in the shard's arena.
     index: u32,
+    /// The key's hash (a rebuild of the index table links the chunk again with it).
+    hash: u64,
     /// Position of its entry in the shard's index table.
     pos: usize,
     /// Slots not [`EMPTY`].
@@ -342,8 +344,9 @@ impl Shard {
         Ok(None)
     }
 
-    /// Puts an entry for arena `index` into the table (lock held); returns its position.
-    fn link(&self, w: &mut Writers, hash: u64, index: u32) -> usize {
+    /// Puts an entry for arena `index` into the table (lock held); returns its position and
+    /// whether it took the place of a removed entry.
+    fn link(&self, hash: u64, index: u32) -> (usize, bool) {
         let (mut pos, tag) = self.probe_start(hash);
         let mask = self.table.len() - 1;
         // The table has room: at most half of it is live (see `new`), and `drop_chunk`
@@ -351,11 +354,8 @@ impl Shard {
         loop {
             let e = self.table[pos].load(Ordering::Relaxed);
             if e == VACANT || e == GONE {
-                if e == GONE {
-                    w.gone -= 1;
-                }
                 self.table[pos].store(tag << 32 | (u64::from(index) + 1), Ordering::Release);
-                return pos;
+                return (pos, e == GONE);
             }
             pos = (pos + 1) & mask;
         }
@@ -427,15 +427,14 @@ impl MappingCache {
         dev: DevId,
         entries: impl IntoIterator<Item = (VirtBlock, Cached)>,
     ) {
-        let mut held: Option<(usize, parking_lot::MutexGuard<'_, Writers>)> = None;
+        let mut held: Option<(&Shard, parking_lot::MutexGuard<'_, Writers>)> = None;
         for (v, c) in entries {
             let (key, i) = Self::locate(dev, v);
             let (hash, shard) = self.shard_of(key);
-            let n = hash as usize % SHARDS;
-            if held.as_ref().is_none_or(|(h, _)| *h != n) {
+            if held.as_ref().is_none_or(|(h, _)| !std::ptr::eq(*h, shard)) {
                 // One shard lock at a time: let go of the last before taking the next.
                 drop(held.take());
-                held = Some((n, shard.writers.lock()));
+                held = Some((shard, shard.writers.lock()));
             }
             if let Some((_, w)) = held.as_mut() {
                 self.insert(shard, w, hash, key, i, c);
@@ -465,11 +464,13 @@ impl MappingCache {
                 if let Some(chunk) = shard.chunk(index) {
                     chunk.claim(key, epoch);
                 }
-                let pos = shard.link(w, hash, index);
+                let (pos, was_gone) = shard.link(hash, index);
+                w.gone -= usize::from(was_gone);
                 w.chunks.insert(
                     key,
                     Held {
                         index,
+                        hash,
                         pos,
                         filled: 0,
                     },
@@ -526,12 +527,8 @@ impl MappingCache {
             e.store(VACANT, Ordering::Relaxed);
         }
         w.gone = 0;
-        let keys: Vec<((DevId, u64), u32)> = w.chunks.iter().map(|(k, h)| (*k, h.index)).collect();
-        for (key, index) in keys {
-            let pos = shard.link(w, self.hasher.hash_one(key), index);
-            if let Some(h) = w.chunks.get_mut(&key) {
-                h.pos = pos;
-            }
+        for h in w.chunks.values_mut() {
+            h.pos = shard.link(h.hash, h.index).0;
         }
     }
 
