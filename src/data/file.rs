@@ -195,7 +195,7 @@ pub(crate) struct RealFile {
     /// Whether `FICLONERANGE` may work here: set for regular files, cleared the first time the
     /// file system refuses it (ext4 has no shared extents; XFS with reflink and btrfs do).
     reflink: AtomicBool,
-    /// Set once the copy-on-write extent size hint has been tried ([`RealFile::clone_range`]).
+    /// Set once the copy-on-write extent size hint has been tried ([`RealFile::clone_and_write`]).
     cow_hint_set: AtomicBool,
 }
 
@@ -359,40 +359,77 @@ impl RealFile {
     }
 
     /// Makes `[dst, dst + len)` share `[src, src + len)`'s storage (`FICLONERANGE`: no data
-    /// is copied). `Ok(false)`, with nothing changed, where the file system cannot; the first
-    /// refusal switches it off for the file. Before the first clone, the file's copy-on-write
-    /// extent size hint is set to one file-system block, where the file system has one (XFS):
-    /// by default XFS gives a write into a shared extent a 128 KiB staging extent, whose
-    /// unused rest stays allocated (in `st_blocks`, `du`) until XFS's background reclaim,
-    /// every 5 minutes by default.
-    pub(crate) async fn clone_range(&self, src: u64, dst: u64, len: u64) -> io::Result<bool> {
+    /// is copied), then writes `bufs` at `at` (inside the clone): the two steps of a
+    /// copy-on-write where the file system shares extents, run as one job on the file's
+    /// writer threads, so that they cost one hand-over to another thread instead of two (a
+    /// profile of copy-on-write on XFS spent about a third of its time handing clones and
+    /// writes to threads and back, docs/volume.md). `Ok(false)`, with nothing written, where
+    /// the file system cannot clone; the first refusal switches cloning off for the file.
+    ///
+    /// Before the first clone, the file's copy-on-write extent size hint is set to one
+    /// file-system block, where the file system has one (XFS): by default XFS gives a write
+    /// into a shared extent a 128 KiB staging extent, whose unused rest stays allocated (in
+    /// `st_blocks`, `du`) until XFS's background reclaim, every 5 minutes by default.
+    pub(crate) async fn clone_and_write(
+        &self,
+        src: u64,
+        dst: u64,
+        len: u64,
+        at: u64,
+        bufs: &[IoSlice<'_>],
+    ) -> io::Result<bool> {
+        /// What the job did.
+        enum Cloned {
+            /// Cloned, and the buffered write (if any) done.
+            Yes,
+            /// The file system refused the clone: nothing changed.
+            Refused(io::Error),
+        }
         if !self.reflink.load(Ordering::Acquire) {
             return Ok(false);
         }
         self.note_data(dst, len);
         let file = self.file.clone();
         let hinted = self.cow_hint_set.swap(true, Ordering::AcqRel);
-        let r = tokio::task::spawn_blocking(move || {
-            if !hinted {
-                set_cow_extent_hint(&file);
-            }
-            clone_in_file(&file, src, dst, len)
-        })
-        .await
-        .map_err(|e| io::Error::other(format!("data file clone thread failed: {e}")))?;
-        match r {
-            Ok(()) => Ok(true),
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EOPNOTSUPP | libc::ENOTTY | libc::EXDEV | libc::EINVAL)
-                ) =>
-            {
+        // In direct mode the write goes by the O_DIRECT path (io_uring) once the clone is
+        // done: a blocking O_DIRECT write in the job would keep the writer thread for the
+        // device's whole latency, and measured slower (docs/volume.md).
+        let iov = match self.direct {
+            Some(_) => Iovecs::for_write(&[]),
+            None => Iovecs::for_write(bufs),
+        };
+        let done = self
+            .writes
+            .offload_with(iov, move |iov| {
+                if !hinted {
+                    set_cow_extent_hint(&file);
+                }
+                match clone_in_file(&file, src, dst, len) {
+                    Ok(()) => iov.transfer_all(fd_of(&file), at).map(|()| Cloned::Yes),
+                    Err(e)
+                        if matches!(
+                            e.raw_os_error(),
+                            Some(libc::EOPNOTSUPP | libc::ENOTTY | libc::EXDEV | libc::EINVAL)
+                        ) =>
+                    {
+                        Ok(Cloned::Refused(e))
+                    }
+                    Err(e) => Err(e),
+                }
+            })
+            .await?;
+        match done {
+            Cloned::Refused(e) => {
                 tracing::debug!("data file: no shared extents here ({e}); copies are copies");
                 self.reflink.store(false, Ordering::Release);
                 Ok(false)
             }
-            Err(e) => Err(e),
+            Cloned::Yes => {
+                if let Some(d) = &self.direct {
+                    d.write(at, bufs).await?;
+                }
+                Ok(true)
+            }
         }
     }
 
@@ -743,7 +780,7 @@ mod tests {
             f.write(0, &[IoSlice::new(&[7u8; BS as usize])])
                 .await
                 .unwrap();
-            f.clone_range(0, 2 * BS, BS).await.unwrap()
+            f.clone_and_write(0, 2 * BS, BS, 2 * BS, &[]).await.unwrap()
         });
         if std::env::var_os("UTHIN_TEST_EXPECT_CLONES").is_some() {
             assert!(shared, "no shared extents here");

@@ -197,9 +197,9 @@ impl Drop for FinishGuard {
 }
 
 /// A transfer handed to a pool thread with buffers borrowed for `'a`: resolves to the
-/// transfer's result.
-pub(crate) struct Offloaded<'a> {
-    result: tokio::sync::oneshot::Receiver<io::Result<()>>,
+/// transfer's result (`T` is what the job reports besides success: `()` for a plain transfer).
+pub(crate) struct Offloaded<'a, T = ()> {
+    result: tokio::sync::oneshot::Receiver<io::Result<T>>,
     finished: Arc<Finished>,
     _borrow: PhantomData<&'a mut [u8]>,
 }
@@ -210,6 +210,16 @@ type Job = Box<dyn FnOnce() + Send + 'static>;
 /// Packs `iov.transfer_all(file, off)` as a job for another thread, and the future that waits
 /// for it.
 fn prepare<'a>(file: &Arc<File>, iov: Iovecs<'a>, off: u64) -> (Job, Offloaded<'a>) {
+    let file = file.clone();
+    prepare_with(iov, move |iov| iov.transfer_all(file.as_raw_fd(), off))
+}
+
+/// Packs `work(iov)` as a job for another thread, and the future that waits for its result.
+/// `work` is the only code that may touch the buffers, and only until it returns.
+fn prepare_with<'a, T: Send + 'static>(
+    iov: Iovecs<'a>,
+    work: impl FnOnce(&mut Iovecs<'static>) -> io::Result<T> + Send + 'static,
+) -> (Job, Offloaded<'a, T>) {
     // SAFETY: this only erases the lifetime of the borrow. The returned `Offloaded<'a>` keeps
     // the buffers borrowed for as long as it exists, and its `Drop` blocks until `FinishGuard`
     // has run, i.e. until the pool thread has returned from its last syscall on them or the job
@@ -225,9 +235,8 @@ fn prepare<'a>(file: &Arc<File>, iov: Iovecs<'a>, off: u64) -> (Job, Offloaded<'
     });
     let guard = FinishGuard(finished.clone());
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let file = file.clone();
     let job: Job = Box::new(move || {
-        let r = iov.transfer_all(file.as_raw_fd(), off);
+        let r = work(&mut iov);
         // The buffers are no longer touched: release the borrow before reporting.
         drop(iov);
         drop(guard);
@@ -275,8 +284,7 @@ struct QueueState {
 }
 
 impl WriteQueue {
-    /// Queues `iov.transfer_all(file, off)`, starting a writer thread when none runs or when
-    /// writes pile up behind the running ones.
+    /// Queues `iov.transfer_all(file, off)` for the file's writer threads.
     pub(crate) fn offload<'a>(
         self: &Arc<Self>,
         file: &Arc<File>,
@@ -284,6 +292,26 @@ impl WriteQueue {
         off: u64,
     ) -> Offloaded<'a> {
         let (job, fut) = prepare(file, iov, off);
+        self.push(job);
+        fut
+    }
+
+    /// Queues `work(iov)` like a write: for a step that must run right before the transfer
+    /// and under the same conditions (it changes the file too), so that the two cost one
+    /// hand-over to a writer thread instead of two (`RealFile::clone_and_write`).
+    pub(crate) fn offload_with<'a, T: Send + 'static>(
+        self: &Arc<Self>,
+        iov: Iovecs<'a>,
+        work: impl FnOnce(&mut Iovecs<'static>) -> io::Result<T> + Send + 'static,
+    ) -> Offloaded<'a, T> {
+        let (job, fut) = prepare_with(iov, work);
+        self.push(job);
+        fut
+    }
+
+    /// Queues `job`, starting a writer thread when none runs or when jobs pile up behind the
+    /// running ones.
+    fn push(self: &Arc<Self>, job: Job) {
         let mut s = self.state.lock();
         s.jobs.push_back(job);
         let start = s.writers == 0 || (s.writers < MAX_WRITERS && s.jobs.len() > s.writers);
@@ -295,7 +323,6 @@ impl WriteQueue {
             let writer = Writer(self.clone());
             drop(tokio::task::spawn_blocking(move || drop(writer)));
         }
-        fut
     }
 }
 
@@ -320,8 +347,8 @@ impl Drop for Writer {
     }
 }
 
-impl Future for Offloaded<'_> {
-    type Output = io::Result<()>;
+impl<T> Future for Offloaded<'_, T> {
+    type Output = io::Result<T>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match Pin::new(&mut self.result).poll(cx) {
             Poll::Pending => Poll::Pending,
@@ -333,7 +360,7 @@ impl Future for Offloaded<'_> {
     }
 }
 
-impl Drop for Offloaded<'_> {
+impl<T> Drop for Offloaded<'_, T> {
     fn drop(&mut self) {
         // Cancellation while a pool thread may still be using the buffers: wait for it. This
         // blocks the current thread for at most one syscall (or, for a queued write, the writes

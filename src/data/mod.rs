@@ -8,7 +8,9 @@
 //!   one [`DataBlock`] and may run on into the blocks that follow it (the volume layer merges
 //!   the pieces of a request that land on consecutive data blocks into one vectored syscall),
 //!   into or from the caller's scatter-gather buffers (borrowed, never copied);
-//! - [`copy_block`](DataFile::copy_block): copy-on-write of one whole block;
+//! - [`clone_and_write`](DataFile::clone_and_write): copy-on-write where the file system
+//!   shares extents (clone the old block, write what changed, in one job);
+//!   [`copy_block`](DataFile::copy_block): a copy of one whole block;
 //! - [`sync`](DataFile::sync): the data barrier of a commit (fdatasync);
 //! - [`release`](DataFile::release): a freed block gives its space back and reads as zeros
 //!   (hole punch on a regular file, BLKZEROOUT on a block device);
@@ -220,16 +222,24 @@ impl DataFile {
     }
 
     /// Makes block `to` share block `from`'s storage where the file system has shared
-    /// extents (XFS with reflink, btrfs): the start of a copy-on-write that then writes only
-    /// what changed. `Ok(false)`, with nothing done, where it cannot (ext4, block devices, a
-    /// model): the caller copies instead. Like a write, the clone is durable after the next
+    /// extents (XFS with reflink, btrfs), then writes `bufs` at `offset` in `to`: a
+    /// copy-on-write that writes only what changed, as one job on the file's writer threads.
+    /// `Ok(false)`, with nothing done, where it cannot (ext4, block devices, a model): the
+    /// caller copies instead. Like a write, the clone is durable after the next
     /// [`sync`](DataFile::sync).
-    pub async fn clone_block(&self, from: DataBlock, to: DataBlock) -> io::Result<bool> {
+    pub async fn clone_and_write(
+        &self,
+        from: DataBlock,
+        to: DataBlock,
+        offset: u32,
+        bufs: &[IoSlice<'_>],
+    ) -> io::Result<bool> {
         let bs = u64::from(self.block_size);
         let src = self.byte_offset(from, 0, bs)?;
         let dst = self.byte_offset(to, 0, bs)?;
+        let at = self.byte_offset(to, offset, crate::device::iov_len(bufs))?;
         match &self.backend {
-            Backend::File(f) => f.clone_range(src, dst, bs).await,
+            Backend::File(f) => f.clone_and_write(src, dst, bs, at, bufs).await,
             Backend::Model(_) => Ok(false),
         }
     }
@@ -511,11 +521,12 @@ mod tests {
         }
     }
 
-    /// `clone_block` either shares the block (the clone reads like its source, and a write
-    /// into it leaves the source alone) or refuses and changes nothing, and keeps refusing.
-    /// With `UTHIN_TEST_EXPECT_CLONES` set (scripts/test.sh on XFS) it must share.
+    /// `clone_and_write` either shares the block and writes the patch into the clone (which
+    /// then reads like its source with the patch over it, and leaves the source alone) or
+    /// refuses and changes nothing, the patch included, and keeps refusing. With
+    /// `UTHIN_TEST_EXPECT_CLONES` set (scripts/test.sh on XFS) it must share.
     #[test]
-    fn clone_block_shares_or_changes_nothing() {
+    fn clone_and_write_shares_or_changes_nothing() {
         let dir = test_dir();
         let expect = std::env::var_os("UTHIN_TEST_EXPECT_CLONES").is_some();
         for cache in [CacheMode::Writeback, CacheMode::Direct] {
@@ -530,22 +541,34 @@ mod tests {
                 df.write(DataBlock(1), 0, &[IoSlice::new(&src)])
                     .await
                     .unwrap();
-                let shared = df.clone_block(DataBlock(1), DataBlock(2)).await.unwrap();
+                let patch = AlignedBuf::zeroed(4096);
+                let shared = df
+                    .clone_and_write(DataBlock(1), DataBlock(2), 4096, &[IoSlice::new(&patch)])
+                    .await
+                    .unwrap();
                 assert!(shared || !expect, "{cache:?}: no shared extents here");
                 let mut back = AlignedBuf::zeroed(BS as usize);
+                back.fill(0xee);
                 df.read(DataBlock(2), 0, &mut [IoSliceMut::new(&mut back)])
                     .await
                     .unwrap();
                 if !shared {
                     assert!(back.iter().all(|&b| b == 0), "{cache:?}: a refusal wrote");
-                    assert!(!df.clone_block(DataBlock(1), DataBlock(3)).await.unwrap());
+                    assert!(
+                        !df.clone_and_write(DataBlock(1), DataBlock(3), 0, &[])
+                            .await
+                            .unwrap()
+                    );
                     return;
                 }
-                assert!(back[..] == src[..], "{cache:?}: the clone differs");
-                let patch = AlignedBuf::zeroed(4096);
-                df.write(DataBlock(2), 4096, &[IoSlice::new(&patch)])
-                    .await
-                    .unwrap();
+                assert!(
+                    back[..4096] == src[..4096] && back[8192..] == src[8192..],
+                    "{cache:?}: the clone differs from its source"
+                );
+                assert!(
+                    back[4096..8192].iter().all(|&b| b == 0),
+                    "{cache:?}: the patch is not in the clone"
+                );
                 df.read(DataBlock(1), 0, &mut [IoSliceMut::new(&mut back)])
                     .await
                     .unwrap();
@@ -553,11 +576,19 @@ mod tests {
                     back[..] == src[..],
                     "{cache:?}: a write into the clone reached its source"
                 );
-                df.read(DataBlock(2), 0, &mut [IoSliceMut::new(&mut back)])
+                // A patch of any alignment (in direct mode: by the bounce-buffer path).
+                let odd = vec![0xabu8; 100];
+                assert!(
+                    df.clone_and_write(DataBlock(1), DataBlock(3), 10_003, &[IoSlice::new(&odd)])
+                        .await
+                        .unwrap()
+                );
+                df.read(DataBlock(3), 0, &mut [IoSliceMut::new(&mut back)])
                     .await
                     .unwrap();
-                assert!(back[..4096] == src[..4096] && back[8192..] == src[8192..]);
-                assert!(back[4096..8192].iter().all(|&b| b == 0));
+                let mut want = src.to_vec();
+                want[10_003..10_103].copy_from_slice(&odd);
+                assert!(back[..] == want[..], "{cache:?}: an unaligned patch");
             });
         }
     }

@@ -1247,7 +1247,8 @@ impl Volume {
         // Page-aligned, so that the read of the old block and the write of the new one may
         // take the direct path (CacheMode::Direct).
         // Where the file system shares extents (XFS with reflink, btrfs), the new block is a
-        // clone of the old one instead, and only the write goes to it (`cloned`).
+        // clone of the old one instead, with the piece written into it in the same job
+        // (`cloned`: done here, no run below).
         let mut copies: Vec<AlignedBuf> = Vec::new();
         let mut cloned = vec![false; todo.len()];
         for (n, (&i, plan)) in todo.iter().zip(&plans).enumerate() {
@@ -1256,7 +1257,7 @@ impl Volume {
                 Plan::Copy { old, k } if !p.whole(bs) => {
                     if sh
                         .data
-                        .clone_block(old, new_block(k)?)
+                        .clone_and_write(old, new_block(k)?, p.offset, &parts[i])
                         .await
                         .map_err(io_err)?
                     {
@@ -1299,8 +1300,10 @@ impl Volume {
             let run = match *plan {
                 Plan::InPlace(block) => piece_at(block),
                 Plan::Fresh(k) => piece_at(new_block(k)?),
-                // Cloned, or covered whole (the piece is then the block): only the piece.
-                Plan::Copy { k, .. } if cloned[n] || p.whole(bs) => piece_at(new_block(k)?),
+                // Cloned, the piece written with the clone.
+                Plan::Copy { .. } if cloned[n] => continue,
+                // Covered whole (the piece is then the block): only the piece.
+                Plan::Copy { k, .. } if p.whole(bs) => piece_at(new_block(k)?),
                 // Read, patched and written whole.
                 Plan::Copy { k, .. } => Run {
                     block: new_block(k)?,
