@@ -471,6 +471,62 @@ mod tests {
         }
     }
 
+    /// A job queued with `offload_with` runs its step and transfer on a writer thread and
+    /// hands back the step's value or error; dropped at once, its future's Drop returns only
+    /// after the job is done with the buffers.
+    #[test]
+    fn queued_job_returns_its_value_and_drop_waits() {
+        crate::data::tests::with_time_limit("queued job", queued_job_body);
+    }
+
+    fn queued_job_body() {
+        use std::os::unix::fs::FileExt;
+        let f = Arc::new(tempfile::tempfile().unwrap());
+        let q = Arc::new(WriteQueue::default());
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            // The step writes 0x11 over 1 KiB, the transfer 0x22 over its second half.
+            let data = [0x22u8; 512];
+            let bufs = [IoSlice::new(&data)];
+            let g = f.clone();
+            let got = q
+                .offload_with(Iovecs::for_write(&bufs), move |iov| {
+                    g.write_all_at(&[0x11; 1024], 0)?;
+                    iov.transfer_all(g.as_raw_fd(), 512)?;
+                    Ok(7u32)
+                })
+                .await
+                .unwrap();
+            assert_eq!(got, 7);
+            let err = q
+                .offload_with(Iovecs::for_write(&bufs), |_| -> io::Result<()> {
+                    Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::EOPNOTSUPP));
+            // Dropped at once: the job (slow on purpose) has written when Drop returns.
+            let last = vec![0x33u8; 512];
+            {
+                let bufs = [IoSlice::new(&last)];
+                let g = f.clone();
+                drop(q.offload_with(Iovecs::for_write(&bufs), move |iov| {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    iov.transfer_all(g.as_raw_fd(), 1024)
+                }));
+            }
+            drop(last);
+        });
+        let mut back = vec![0u8; 1536];
+        f.read_exact_at(&mut back, 0).unwrap();
+        assert!(back[..512].iter().all(|&b| b == 0x11));
+        assert!(back[512..1024].iter().all(|&b| b == 0x22));
+        assert!(back[1024..].iter().all(|&b| b == 0x33));
+    }
+
     #[test]
     fn offloaded_read_and_drop_before_completion() {
         let mut f = tempfile::tempfile().unwrap();
