@@ -769,13 +769,14 @@ mod tests {
 
     /// Whether `file` is on XFS (`statfs`'s `f_type` is `XFS_SUPER_MAGIC`).
     fn on_xfs(file: &File) -> bool {
-        const XFS_SUPER_MAGIC: i64 = 0x5846_5342;
+        const XFS_SUPER_MAGIC: u64 = 0x5846_5342;
         // SAFETY: an all-zero `struct statfs` is valid.
         let mut st: libc::statfs = unsafe { std::mem::zeroed() };
         // SAFETY: `st` is a live `struct statfs` that the kernel fills in; the descriptor is
         // open.
         let r = unsafe { libc::fstatfs(fd_of(file), &mut st) };
-        r == 0 && i64::from(st.f_type) == XFS_SUPER_MAGIC
+        // `f_type` is a signed word of the platform's own width; the magic fits either way.
+        r == 0 && st.f_type as u64 == XFS_SUPER_MAGIC
     }
 
     /// Where a clone works on XFS, the file's copy-on-write extent size hint is one
