@@ -19,7 +19,9 @@
 //! A line that is not valid UTF-8 or JSON, names an unknown operation or lacks an argument gets
 //! an error response and the connection stays usable; a request longer than 1 MiB gets an error
 //! response and the connection is closed (the rest of the line cannot be told from the next
-//! request). The server never acts on a message it could not parse whole.
+//! request; a client that reads on after the response may get `ECONNRESET` rather than the end
+//! of the stream, because what it sent was not all read). The server never acts on a message
+//! it could not parse whole.
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
