@@ -483,11 +483,7 @@ mod tests {
         use std::os::unix::fs::FileExt;
         let f = Arc::new(tempfile::tempfile().unwrap());
         let q = Arc::new(WriteQueue::default());
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .build()
-            .unwrap();
-        rt.block_on(async {
+        crate::data::tests::rt().block_on(async {
             // The step writes 0x11 over 1 KiB, the transfer 0x22 over its second half.
             let data = [0x22u8; 512];
             let bufs = [IoSlice::new(&data)];
