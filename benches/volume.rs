@@ -32,6 +32,9 @@
 
 mod support;
 use support::rss_mib;
+#[path = "support/page_reporting.rs"]
+mod page_reporting;
+use page_reporting::PageReporting;
 
 use std::io::{IoSlice, IoSliceMut};
 use std::path::{Path, PathBuf};
@@ -349,6 +352,7 @@ fn main() {
     let ops = args.ops.min(blocks);
     let cow_ops = args.cow_ops.unwrap_or(blocks).min(blocks);
     let want = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
+    let reporting = PageReporting::now();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -545,6 +549,7 @@ fn main() {
         cow_ops,
         args.secs
     );
+    println!("{}", reporting.describe());
     println!("| workload | plain file | volume | volume / plain |");
     println!("| --- | ---: | ---: | ---: |");
     for (w, name) in WORKLOADS.iter().enumerate() {
