@@ -224,6 +224,8 @@ chain_workload() {
 }
 
 echo "bench-nbd: targets ${TARGETS[*]}, $ROUNDS rounds, ${RUNTIME}s per 4k job, $SIZE, results in $DIR/results" >&2
+# New page-cache pages may be host faults in this VM (docs/volume.md); say which state we ran in.
+"$(dirname "$0")/bench-memory.sh" status | sed -n 1p >&2
 for round in $(seq 1 "$ROUNDS"); do
     for t in $(printf '%s\n' "${TARGETS[@]}" | shuf); do
         echo "== round $round: $t (load average $(cut -d' ' -f1-3 /proc/loadavg))" >&2

@@ -191,6 +191,8 @@ done
 
 # Median IOPS and MiB/s per peer and phase, then the ratios.
 echo
+# New page-cache pages may be host faults in this VM (docs/volume.md); say which state we ran in.
+"$(dirname "$0")/bench-memory.sh" status | sed -n 1p
 printf "%-24s" "phase"
 for peer in $PEERS; do printf "%26s" "$peer IOPS (MiB/s)"; done
 echo
