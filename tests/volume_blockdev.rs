@@ -84,6 +84,23 @@ fn run(cache: CacheMode) {
             .unwrap();
         assert_only(&a, 3, 1000, &small, "fresh block").await;
 
+        // A copy on write of that block into another fresh block: the new block is written
+        // whole, its zeros included (a device has no holes to leave them to).
+        vp.snapshot("a", "s", false).await.unwrap();
+        let later = pattern(3, 512);
+        a.write(3 * BS + 40_000, &[IoSlice::new(&later)], false)
+            .await
+            .unwrap();
+        let mut want = vec![0u8; BS as usize];
+        want[1000..1512].copy_from_slice(&small);
+        want[40_000..40_512].copy_from_slice(&later);
+        assert!(
+            read_block(&a, 3).await == want,
+            "copied block holds something besides its two writes"
+        );
+        assert_only(&vp.volume("s").unwrap(), 3, 1000, &small, "snapshot").await;
+        vp.delete_volume("s").await.unwrap();
+
         // Whole blocks, then discard them (and the partial one) and commit: their data blocks
         // go back to the pool, zeroed on the device.
         let whole = pattern(2, 5 * BS);

@@ -58,7 +58,7 @@ use crate::units::{DataBlock, DevId, VirtBlock};
 use cache::{Cached, MappingCache};
 use grace::Grace;
 use inflight::InFlight;
-use pieces::{Piece, Run, coalesce, pieces, single_piece, split, split_mut};
+use pieces::{Piece, Run, coalesce, nonzero_ranges, pieces, single_piece, split, split_mut};
 use sharing::LessShared;
 
 /// Lock-free data syncs a commit makes at most before the one it makes under the pool's write
@@ -1304,15 +1304,31 @@ impl Volume {
                 Plan::Copy { .. } if cloned[n] => continue,
                 // Covered whole (the piece is then the block): only the piece.
                 Plan::Copy { k, .. } if p.whole(bs) => piece_at(new_block(k)?),
-                // Read, patched and written whole.
-                Plan::Copy { k, .. } => Run {
-                    block: new_block(k)?,
-                    offset: 0,
-                    len: bs,
-                    bufs: vec![IoSlice::new(next_copy.next().ok_or_else(|| {
+                // Read and patched: written whole, or into a block known to be a hole only
+                // where it is not zeros, so that the parts of the old block that were holes
+                // (or zeros) take no space in the new one.
+                Plan::Copy { k, .. } => {
+                    let copy = next_copy.next().ok_or_else(|| {
                         DevError::Io(std::io::Error::other("copy buffer missing for a piece"))
-                    })?)],
-                },
+                    })?;
+                    let (block, hole) = reserved.block(k)?;
+                    if hole {
+                        runs.extend(nonzero_ranges(copy).into_iter().map(|(at, len)| Run {
+                            block,
+                            // Below the block size, which fits in u32 (checked by DataFile).
+                            offset: at as u32,
+                            len: len as u64,
+                            bufs: vec![IoSlice::new(&copy[at..at + len])],
+                        }));
+                        continue;
+                    }
+                    Run {
+                        block,
+                        offset: 0,
+                        len: bs,
+                        bufs: vec![IoSlice::new(copy)],
+                    }
+                }
             };
             runs.push(run);
         }

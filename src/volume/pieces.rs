@@ -114,6 +114,31 @@ pub(crate) fn split<'a>(bufs: &'a [IoSlice<'_>], lens: &[usize]) -> Vec<Vec<IoSl
     out
 }
 
+/// Unit in which [`nonzero_ranges`] looks for zeros: a page, which is also a multiple of
+/// every direct-I/O alignment the data file accepts and divides every block size.
+pub(crate) const ZERO_UNIT: usize = 4096;
+
+/// The byte ranges `(start, len)` of `buf` made of [`ZERO_UNIT`]s that are not all zeros,
+/// neighbours merged, in order. A copy on write into a block that is a hole writes only
+/// these: the rest reads as zeros already, and the new block stays as sparse as the old one.
+/// A unit with a nonzero byte near its start costs a few comparisons; only zero units are
+/// read whole.
+pub(crate) fn nonzero_ranges(buf: &[u8]) -> Vec<(usize, usize)> {
+    static ZEROS: [u8; ZERO_UNIT] = [0; ZERO_UNIT];
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for (i, unit) in buf.chunks(ZERO_UNIT).enumerate() {
+        if unit == &ZEROS[..unit.len()] {
+            continue;
+        }
+        let at = i * ZERO_UNIT;
+        match out.last_mut() {
+            Some((start, len)) if *start + *len == at => *len += unit.len(),
+            _ => out.push((at, unit.len())),
+        }
+    }
+    out
+}
+
 /// A transfer between the data file and buffers: `len` bytes from byte `offset` of `block`,
 /// possibly running on into the blocks after it.
 pub(crate) struct Run<T> {
@@ -183,6 +208,31 @@ mod tests {
         let parts = split(&wb, &[8]);
         assert_eq!(parts.len(), 1);
         assert_eq!(iov_len(&parts[0]), 8);
+    }
+
+    #[test]
+    fn nonzero_ranges_skip_only_zero_units() {
+        let mut b = vec![0u8; 16 * ZERO_UNIT];
+        assert!(nonzero_ranges(&b).is_empty());
+        // One byte makes its unit count, wherever it is in the unit.
+        b[ZERO_UNIT - 1] = 1;
+        b[2 * ZERO_UNIT] = 7;
+        b[3 * ZERO_UNIT + 100] = 7;
+        b[15 * ZERO_UNIT + 4095] = 3;
+        assert_eq!(
+            nonzero_ranges(&b),
+            vec![
+                (0, ZERO_UNIT),
+                (2 * ZERO_UNIT, 2 * ZERO_UNIT),
+                (15 * ZERO_UNIT, ZERO_UNIT)
+            ]
+        );
+        b.fill(0xff);
+        assert_eq!(nonzero_ranges(&b), vec![(0, 16 * ZERO_UNIT)]);
+        // A short last unit keeps its own length.
+        let mut short = vec![0u8; ZERO_UNIT + 10];
+        short[ZERO_UNIT + 9] = 1;
+        assert_eq!(nonzero_ranges(&short), vec![(ZERO_UNIT, 10)]);
     }
 
     #[test]
