@@ -114,8 +114,9 @@ pub(crate) fn split<'a>(bufs: &'a [IoSlice<'_>], lens: &[usize]) -> Vec<Vec<IoSl
     out
 }
 
-/// Unit in which [`nonzero_ranges`] looks for zeros: a page, which is also a multiple of
-/// every direct-I/O alignment the data file accepts and divides every block size.
+/// Unit in which [`nonzero_ranges`] looks for zeros: a page. It divides every block size
+/// (multiples of 64 KiB) and is aligned for direct I/O on 512-byte and 4 KiB sectors (the
+/// data file's direct path handles any unaligned rest itself, by read-modify-write).
 pub(crate) const ZERO_UNIT: usize = 4096;
 
 /// The byte ranges `(start, len)` of `buf` made of [`ZERO_UNIT`]s that are not all zeros,
