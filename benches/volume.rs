@@ -21,7 +21,9 @@
 //!   writes (volume only; not part of the timed fresh-4k runs), split into its phases.
 //!
 //! Before each run, `sync(2)` writes back what earlier runs left dirty (untimed). The files
-//! (up to ~20 GiB, sparse) are removed at the end.
+//! (up to ~20 GiB, sparse) are removed at the end. The summary names the machine's free page
+//! reporting state (`support/page_reporting.rs`): in a VM that reports free pages, a side
+//! that fills more new pages loses to the host (`scripts/bench-memory.sh`).
 //!
 //! ```text
 //! cargo bench --bench volume -- [--dir DIR] [--size-gib 4] [--ops 20000] [--cow-ops N]
