@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use parking_lot::{Condvar, Mutex};
+use smallvec::SmallVec;
 
 /// Direction of a transfer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,9 +27,14 @@ pub(crate) enum Dir {
     Write,
 }
 
+/// Iovecs an [`Iovecs`] holds without a heap allocation.
+const INLINE_IOVECS: usize = 4;
+
 /// An iovec array that points into buffers borrowed for `'a` (mutably for reads).
 pub(crate) struct Iovecs<'a> {
-    iov: Vec<libc::iovec>,
+    /// Held inline up to [`INLINE_IOVECS`]: a request's iovecs are usually one or two, and a
+    /// heap allocation per request cost a `malloc` and a `free` on every cached read.
+    iov: SmallVec<[libc::iovec; INLINE_IOVECS]>,
     /// Index of the first iovec not yet fully transferred.
     first: usize,
     dir: Dir,
