@@ -33,7 +33,9 @@ const INLINE_IOVECS: usize = 4;
 /// An iovec array that points into buffers borrowed for `'a` (mutably for reads).
 pub(crate) struct Iovecs<'a> {
     /// Held inline up to [`INLINE_IOVECS`]: a request's iovecs are usually one or two, and a
-    /// heap allocation per request cost a `malloc` and a `free` on every cached read.
+    /// heap allocation per request cost a `malloc` and a `free` on every cached read. So an
+    /// `Iovecs` must not move while a submitted io_uring entry points at its array (see
+    /// `uring::Inner::transfer`).
     iov: SmallVec<[libc::iovec; INLINE_IOVECS]>,
     /// Index of the first iovec not yet fully transferred.
     first: usize,

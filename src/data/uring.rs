@@ -238,6 +238,10 @@ impl Inner {
         mut off: u64,
     ) -> io::Result<()> {
         while !iov.is_done() {
+            // The iovec array may be held inside `iov` itself (inline, `Iovecs`). It stays in
+            // place while the entry is in flight: `iov` lives in this future, which is pinned
+            // and only borrows it across the await, and if the future is dropped early,
+            // `Pending`'s drop waits for the completion before the future's memory can go.
             let vecs = iov.iovecs();
             let cnt = vecs.len().min(IOV_MAX) as u32;
             let entry = match iov.dir() {
