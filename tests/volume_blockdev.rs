@@ -6,26 +6,20 @@
 
 mod volume_common;
 
-use std::io::{IoSlice, IoSliceMut};
+use std::io::IoSlice;
 
 use uthin::data::CacheMode;
 use uthin::device::BlockDevice;
 use uthin::pool::Pool;
 use uthin::volume::{Volume, VolumePool};
-use volume_common::{BS, Loop, create_opts, pattern, runtime, thin_check, uthin_check_volumes};
+use volume_common::{
+    BS, Loop, create_opts, pattern, read_block, runtime, thin_check, uthin_check_volumes,
+};
 
 /// Data blocks of the pool: two volumes of half each fill it exactly.
 const DATA_BLOCKS: u64 = 128;
 const HALF: u64 = DATA_BLOCKS / 2;
 const GARBAGE: u8 = 0xA5;
-
-async fn read_block(v: &Volume, vblock: u64) -> Vec<u8> {
-    let mut b = vec![0xEEu8; BS as usize];
-    v.read(vblock * BS, &mut [IoSliceMut::new(&mut b)])
-        .await
-        .unwrap();
-    b
-}
 
 /// Block `vblock` holds `data` at `at` and zeros everywhere else.
 async fn assert_only(v: &Volume, vblock: u64, at: usize, data: &[u8], what: &str) {

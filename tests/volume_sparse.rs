@@ -11,7 +11,9 @@ use uthin::device::BlockDevice;
 use uthin::pool::Pool;
 use uthin::units::{DevId, VirtBlock};
 use uthin::volume::VolumePool;
-use volume_common::{BS, pattern, runtime, small_volume_pool, thin_check, uthin_check_volumes};
+use volume_common::{
+    BS, pattern, read_block, runtime, small_volume_pool, thin_check, uthin_check_volumes,
+};
 
 const DATA_BLOCKS: u64 = 512;
 const VOL: u64 = 128 * BS;
@@ -160,11 +162,10 @@ fn a_copy_on_write_of_a_sparse_block_stays_sparse() {
             (&s, 3, &want_s3, "snapshot, aligned"),
             (&s, 5, &want_s5, "snapshot, unaligned"),
         ] {
-            let mut got = vec![1u8; BS as usize];
-            v.read(block * BS, &mut [IoSliceMut::new(&mut got)])
-                .await
-                .unwrap();
-            assert!(got == *want, "{what}: block {block} reads wrong");
+            assert!(
+                read_block(v, block).await == *want,
+                "{what}: block {block} reads wrong"
+            );
         }
         uthin_check_volumes(&vp).unwrap();
     });

@@ -7,9 +7,10 @@ mod pool_common;
 #[allow(unused_imports)] // each test binary uses a different subset
 pub use pool_common::{Loop, thin_check, thin_check_bytes};
 
+use uthin::device::BlockDevice;
 use uthin::pool::{CreateOptions, Pool};
 use uthin::tools::check::check_live;
-use uthin::volume::VolumePool;
+use uthin::volume::{Volume, VolumePool};
 
 /// Data block size of the test pools (the pool's smallest).
 pub const BS: u64 = 65536;
@@ -38,6 +39,16 @@ pub fn pattern(id: u64, len: u64) -> Vec<u8> {
     (0..len)
         .map(|i| ((id.wrapping_mul(131) + i * 7) % 251 + 1) as u8)
         .collect()
+}
+
+/// The whole of virtual block `vblock` of `v`, read into a buffer that starts non-zero (so
+/// a read that leaves bytes untouched shows).
+pub async fn read_block(v: &Volume, vblock: u64) -> Vec<u8> {
+    let mut b = vec![0xEEu8; BS as usize];
+    v.read(vblock * BS, &mut [std::io::IoSliceMut::new(&mut b)])
+        .await
+        .unwrap();
+    b
 }
 
 /// A multi-threaded runtime like the servers'.
