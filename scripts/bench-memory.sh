@@ -22,8 +22,9 @@ set -euo pipefail
 params=/sys/module/page_reporting/parameters
 saved=/run/uthin-page-reporting-order
 # Free blocks are reported from page_reporting_order up; the largest buddy order with
-# 4 KiB pages is 10, so 11 reports nothing.
-off_order=11
+# 4 KiB pages is 10 (MAX_PAGE_ORDER), so anything above it reports nothing.
+max_page_order=10
+off_order=$((max_page_order + 1))
 
 if [ ! -e "$params/page_reporting_order" ]; then
     echo "bench-memory: this kernel has no free page reporting ($params); nothing to do"
@@ -33,7 +34,7 @@ fi
 status() {
     local order
     order=$(cat "$params/page_reporting_order")
-    if [ "$order" -gt 10 ]; then
+    if [ "$order" -gt "$max_page_order" ]; then
         echo "free page reporting: off (page_reporting_order $order)"
     else
         echo "free page reporting: on (page_reporting_order $order)"
