@@ -17,18 +17,23 @@
 //!   plain side overwrites the same offsets). The default is every block of the volume once,
 //!   so the metadata side (shadowing shared leaves, which takes a reference on every block in
 //!   them) is paid in full, as a workload that rewrites a whole snapshot pays it;
+//! - copy-4k: the same copies on write again (after a second snapshot), against a plain side
+//!   that does the file-level work of one without any metadata: it reads the 64 KiB block,
+//!   lays the 4 KiB over it and writes the whole block to a hole elsewhere in the file. So
+//!   volume / plain here is what the volume adds to the copy itself (the cow-4k ratio is
+//!   bounded by copying 64 KiB where the plain side writes 4 KiB);
 //! - commit: the latency of a flush issued every 50 ms during `--secs` of more fresh 4 KiB
 //!   writes (volume only; not part of the timed fresh-4k runs), split into its phases.
 //!
 //! Before each run, `sync(2)` writes back what earlier runs left dirty (untimed). The files
-//! (up to ~20 GiB, sparse) are removed at the end. The summary names the machine's free page
+//! (up to ~28 GiB, sparse) are removed at the end. The summary names the machine's free page
 //! reporting state (`support/page_reporting.rs`): in a VM that reports free pages, a side
 //! that fills more new pages loses to the host (`scripts/bench-memory.sh`).
 //!
 //! ```text
 //! cargo bench --bench volume -- [--dir DIR] [--size-gib 4] [--ops 20000] [--cow-ops N]
 //!                                [--secs 3] [--slices 6] [--rounds 3]
-//!                                [--only fresh-4k,cow-4k,commit,...]
+//!                                [--only fresh-4k,cow-4k,copy-4k,commit,...]
 //!                                [--cache writeback|direct]
 //! ```
 
@@ -275,13 +280,14 @@ fn spread(i: u64, blocks: u64) -> u64 {
     (i.wrapping_mul(0x9E37_79B9) + 7) % blocks
 }
 
-const WORKLOADS: [&str; 6] = [
+const WORKLOADS: [&str; 7] = [
     "fresh-4k",
     "overwrite-4k",
     "read-4k",
     "seqwrite-1m",
     "seqread-1m",
     "cow-4k",
+    "copy-4k",
 ];
 
 /// Writes back every dirty page of the machine (untimed), so each run starts from the same
@@ -372,9 +378,10 @@ fn main() {
             blocks,
             args.cache,
         )));
+        // Twice the volume's size: copy-4k writes its copies into the second half (a hole).
         let plain_seq = Target::Plain(Arc::new(fresh_file(
             &args.dir.join("plain-seq"),
-            blocks,
+            2 * blocks,
             args.cache,
         )));
         let pool_dir = args.dir.join("pool");
@@ -383,7 +390,8 @@ fn main() {
         let pool = Pool::create(
             &pool_dir,
             &CreateOptions {
-                data_size: args.size * 3,
+                // rand, seq and the copies of cow-4k and copy-4k.
+                data_size: args.size * 4,
                 block_size: BS,
                 metadata_size: None,
                 force: true,
@@ -500,7 +508,9 @@ fn main() {
                 report(w, r);
             }
             for (w, write) in [(3, true), (4, false)] {
-                if !want(WORKLOADS[w]) && !(write && (want("seqread-1m") || want("cow-4k"))) {
+                // The sequential write fills what seqread-1m, cow-4k and copy-4k use.
+                let later = want("seqread-1m") || want("cow-4k") || want("copy-4k");
+                if !(want(WORKLOADS[w]) || write && later) {
                     continue;
                 }
                 let b = buf1m.clone();
@@ -530,6 +540,29 @@ fn main() {
                 async move { t.write(spread(i, blocks) * BS + 4096, &b).await }
             }));
             report(5, r);
+        }
+        // copy-4k: every block of "seq" is shared again after a second snapshot; the plain
+        // side copies the same blocks with the 4 KiB laid over them into its empty half.
+        if want("copy-4k") {
+            rt.block_on(pool.snapshot("seq", "seq-snap2", false))
+                .expect("snapshot");
+            let b = buf4k.clone();
+            let r = rt.block_on(both(&seq, Some(cow_ops), None, move |t, i| {
+                let b = b.clone();
+                async move {
+                    let blk = spread(i, blocks);
+                    match &t {
+                        Target::Plain(_) => {
+                            let mut block = AlignedBuf::zeroed(BS as usize);
+                            t.read(blk * BS, &mut block).await;
+                            block[4096..8192].copy_from_slice(&b);
+                            t.write((blocks + blk) * BS, &block).await
+                        }
+                        Target::Vol(_) => t.write(blk * BS + 4096, &b).await,
+                    }
+                }
+            }));
+            report(6, r);
         }
         let (rss, peak) = rss_mib();
         eprintln!(
@@ -575,7 +608,7 @@ fn main() {
     for l in &commit_lines {
         println!("{l}");
     }
-    // Two 4 GiB files and a pool of up to 12 GiB: do not leave them behind.
+    // Two files of 4 and 8 GiB and a pool of up to 16 GiB: do not leave them behind.
     if let Err(e) = std::fs::remove_dir_all(&args.dir) {
         eprintln!("could not remove {}: {e}", args.dir.display());
     }
