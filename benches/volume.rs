@@ -10,13 +10,21 @@
 //! and runs plain and volume back to back for each workload (which goes first alternates; the
 //! timed workloads take turns in `--slices` slices per side, see `both`):
 //!
-//! - fresh-4k: `--ops` 4 KiB writes, each to a block never written before (allocate on demand);
-//! - overwrite-4k / read-4k: random 4 KiB in those blocks, `--secs` each;
+//! - fresh-4k: a 4 KiB write into every block of a volume once (allocate on demand), in a
+//!   random order, on a volume of its own in a pool of its own, against a plain file of the
+//!   same size; in `--slices` slices per side taking turns (a single run of 20 000 writes
+//!   lasted 0.15–0.2 s a side, and its ratio swung from 0.73 to 1.27 between rounds);
+//! - overwrite-4k / read-4k: random 4 KiB, `--secs` each, in the `--ops` blocks an untimed
+//!   fill wrote 4 KiB into (as fresh-4k does) on another volume and plain file;
 //! - seqwrite-1m / seqread-1m: the whole 4 GiB in 1 MiB requests;
 //! - cow-4k: after a snapshot, `--cow-ops` 4 KiB writes each to a different shared block (the
 //!   plain side overwrites the same offsets). The default is every block of the volume once,
 //!   so the metadata side (shadowing shared leaves, which takes a reference on every block in
 //!   them) is paid in full, as a workload that rewrites a whole snapshot pays it;
+//! - fresh-4k-big: as fresh-4k for `--secs` on a volume of `--fresh-gib` (32; a power of
+//!   two, as `--size-gib`, so that the order of blocks visits each once), at most every block
+//!   once: sustained allocation on a volume with more 1 MiB placement groups than a pool keeps
+//!   open (4 096), so that most writes find their group closed;
 //! - copy-4k: the same copies on write again (after a second snapshot), against a plain side
 //!   that does the file-level work of one without any metadata: it reads the 64 KiB block,
 //!   lays the 4 KiB over it and writes the whole block to a hole elsewhere in the file. So
@@ -26,13 +34,14 @@
 //!   writes (volume only; not part of the timed fresh-4k runs), split into its phases.
 //!
 //! Before each run, `sync(2)` writes back what earlier runs left dirty (untimed). The files
-//! (up to ~28 GiB, sparse) are removed at the end. The summary names the machine's free page
-//! reporting state (`support/page_reporting.rs`): in a VM that reports free pages, a side
-//! that fills more new pages loses to the host (`scripts/bench-memory.sh`).
+//! (up to ~100 GiB, sparse; a few GiB allocated) are removed at the end. The summary names the
+//! machine's free page reporting state (`support/page_reporting.rs`): in a VM that reports
+//! free pages, a side that fills more new pages loses to the host
+//! (`scripts/bench-memory.sh`).
 //!
 //! ```text
-//! cargo bench --bench volume -- [--dir DIR] [--size-gib 4] [--ops 20000] [--cow-ops N]
-//!                                [--secs 3] [--slices 6] [--rounds 3]
+//! cargo bench --bench volume -- [--dir DIR] [--size-gib 4] [--fresh-gib 32] [--ops 20000]
+//!                                [--cow-ops N] [--secs 3] [--slices 6] [--rounds 3]
 //!                                [--only fresh-4k,cow-4k,copy-4k,commit,...]
 //!                                [--cache writeback|direct]
 //! ```
@@ -129,6 +138,12 @@ fn cpu_time() -> Duration {
 /// Set by `--side plain|volume` to run one side only (profiling).
 static SIDE: AtomicU64 = AtomicU64::new(u64::MAX);
 
+/// Whether side `s` (0 plain, 1 volume) runs, by `--side`.
+fn side_runs(s: usize) -> bool {
+    let only = SIDE.load(Ordering::Relaxed);
+    only == u64::MAX || only == s as u64
+}
+
 /// Which side [`both`] runs first next time (alternates).
 static FLIP: AtomicU64 = AtomicU64::new(0);
 
@@ -216,12 +231,14 @@ where
 struct Args {
     dir: PathBuf,
     size: u64,
+    /// Size of fresh-4k's volume and plain file.
+    fresh_size: u64,
     ops: u64,
     cow_ops: Option<u64>,
     secs: f64,
     rounds: usize,
     /// Workloads to run (names as in WORKLOADS, plus "commit"); all when empty. Writes that
-    /// later workloads need (fresh-4k, seqwrite-1m) run anyway.
+    /// later workloads need (the fill, seqwrite-1m) run anyway.
     only: Vec<String>,
     /// The data file's cache mode, on both sides.
     cache: CacheMode,
@@ -231,6 +248,7 @@ fn parse_args() -> Args {
     let mut a = Args {
         dir: PathBuf::from("target/volume-bench"),
         size: 4 << 30,
+        fresh_size: 32 << 30,
         ops: 20_000,
         cow_ops: None,
         secs: 3.0,
@@ -244,6 +262,7 @@ fn parse_args() -> Args {
         match k.as_str() {
             "--dir" => a.dir = PathBuf::from(val()),
             "--size-gib" => a.size = val().parse::<u64>().expect("--size-gib N") << 30,
+            "--fresh-gib" => a.fresh_size = val().parse::<u64>().expect("--fresh-gib N") << 30,
             "--ops" => a.ops = val().parse().expect("--ops N"),
             "--cow-ops" => a.cow_ops = Some(val().parse().expect("--cow-ops N")),
             "--secs" => a.secs = val().parse().expect("--secs S"),
@@ -280,7 +299,7 @@ fn spread(i: u64, blocks: u64) -> u64 {
     (i.wrapping_mul(0x9E37_79B9) + 7) % blocks
 }
 
-const WORKLOADS: [&str; 7] = [
+const WORKLOADS: [&str; 8] = [
     "fresh-4k",
     "overwrite-4k",
     "read-4k",
@@ -288,6 +307,7 @@ const WORKLOADS: [&str; 7] = [
     "seqread-1m",
     "cow-4k",
     "copy-4k",
+    "fresh-4k-big",
 ];
 
 /// Writes back every dirty page of the machine (untimed), so each run starts from the same
@@ -297,49 +317,71 @@ fn settle() {
     unsafe { libc::sync() };
 }
 
+/// How [`both`] runs a workload on each side.
+#[derive(Clone, Copy)]
+enum Run {
+    /// This many requests in one go per side (which side goes first alternates from one
+    /// call to the next): for workloads whose requests change what the next ones find on
+    /// a scale that slices would cut up (a sequential fill, copies on write).
+    Once(u64),
+    /// This many requests per side, in `--slices` slices taking turns.
+    Slices(u64),
+    /// `--slices` slices of `secs / slices` seconds per side taking turns, each side at most
+    /// `cap` requests in all.
+    Timed { secs: f64, cap: Option<u64> },
+}
+
 /// Runs the same workload on both sides; returns the rates (NaN for a side not run).
 ///
-/// A workload of `count` requests runs once per side; which side goes first alternates from
-/// one call to the next. A timed workload (`secs`) is cut into `--slices` slices per side of
-/// `secs / slices` each, run alternately in the order plain, volume, volume, plain, plain, …
-/// (each side's slices continue its sequence of request numbers). On these shared machines
-/// the speed of the whole machine drifts by tens of percent within seconds; slices that take
-/// turns put both sides under the same drift, where two back-to-back runs of `secs` each do
-/// not (docs/volume.md has the spread of both ways). The CPU time per request printed for
+/// Slices (`Run::Slices`, `Run::Timed`) run alternately in the order plain, volume, volume,
+/// plain, plain, … (each side's slices continue its sequence of request numbers). On these
+/// shared machines the speed of the whole machine drifts by tens of percent within seconds;
+/// slices that take turns put both sides under the same drift, where two back-to-back runs
+/// do not (docs/volume.md has the spread of both ways). The CPU time per request printed for
 /// each side (whole process, all threads) is steadier still.
-async fn both<F, Fut>(sides: &[Target; 2], count: Option<u64>, secs: Option<f64>, op: F) -> [f64; 2]
+async fn both<F, Fut>(sides: &[Target; 2], run: Run, op: F) -> [f64; 2]
 where
     F: Fn(Target, u64) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send,
 {
     let op = Arc::new(op);
-    let only = SIDE.load(Ordering::Relaxed);
-    let runs = |s: usize| only == u64::MAX || only == s as u64;
-    let order: Vec<usize> = match secs {
-        Some(_) => (0..2 * SLICES.load(Ordering::Relaxed) as usize)
+    let slices = SLICES.load(Ordering::Relaxed);
+    let order: Vec<usize> = match run {
+        Run::Slices(_) | Run::Timed { .. } => (0..2 * slices as usize)
             // 0 1 1 0 0 1 1 0 …: each side is as often first of a pair as second.
             .map(|k: usize| k.div_ceil(2) % 2)
             .collect(),
         // Alternate which side goes first from one run to the next, so a machine that gets
         // busier or quieter during a round does not favour one side.
-        None if FLIP.fetch_xor(1, Ordering::Relaxed) == 0 => vec![0, 1],
-        None => vec![1, 0],
+        Run::Once(_) if FLIP.fetch_xor(1, Ordering::Relaxed) == 0 => vec![0, 1],
+        Run::Once(_) => vec![1, 0],
     };
-    let slice = secs.map(|s| s / SLICES.load(Ordering::Relaxed) as f64);
     let mut total = [Driven::default(); 2];
+    let mut ran = [0u64; 2];
     let mut rates: [Vec<String>; 2] = Default::default();
     for s in order {
-        if !runs(s) {
+        if !side_runs(s) {
             continue;
         }
         settle();
-        let d = drive(&sides[s], total[s].done, count, slice, op.clone()).await;
+        let first = total[s].done;
+        let (count, secs) = match run {
+            Run::Once(n) => (Some(n), None),
+            // Slice k of n ends at request (k + 1) * count / n.
+            Run::Slices(n) => (Some((ran[s] + 1) * n / slices - first), None),
+            Run::Timed { secs, cap } => (
+                cap.map(|c| c.saturating_sub(first)),
+                Some(secs / slices as f64),
+            ),
+        };
+        ran[s] += 1;
+        let d = drive(&sides[s], first, count, secs, op.clone()).await;
         rates[s].push(format!("{:.0}", d.rate()));
         total[s].add(d);
     }
     let mut out = [f64::NAN; 2];
     for s in 0..2 {
-        if runs(s) {
+        if side_runs(s) {
             let t = &total[s];
             eprintln!(
                 "    {}: {:.2} µs of CPU per request; per slice /s: {}",
@@ -357,6 +399,7 @@ fn main() {
     let args = parse_args();
     std::fs::create_dir_all(&args.dir).expect("bench dir");
     let blocks = args.size / BS;
+    let fresh_blocks = args.fresh_size / BS;
     let ops = args.ops.min(blocks);
     let cow_ops = args.cow_ops.unwrap_or(blocks).min(blocks);
     let want = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
@@ -406,6 +449,35 @@ fn main() {
             Target::Vol(Arc::new(pool.volume(name).expect("volume")))
         };
         let rand = [plain_rand, vol("rand")];
+        // The fresh workloads' pairs: a pool of its own each, so that their many partly
+        // written blocks do not fragment the data file the other workloads' volumes share
+        // (docs/volume.md, "1 MiB sequential writes and the data file's extent tree").
+        let own_pair = |name: &str, size: u64| {
+            let dir = args.dir.join(format!("pool-{name}"));
+            let _ = std::fs::remove_dir_all(&dir);
+            let pool = Pool::create(
+                &dir,
+                &CreateOptions {
+                    data_size: size,
+                    block_size: BS,
+                    metadata_size: None,
+                    force: true,
+                },
+            )
+            .expect("pool of a fresh workload");
+            let pool = VolumePool::open_with(pool, DEFAULT_CACHE_ENTRIES, args.cache)
+                .expect("volume pool");
+            rt.block_on(pool.create_volume(name, size)).expect("create");
+            let vol = Target::Vol(Arc::new(pool.volume(name).expect("volume")));
+            let plain = Target::Plain(Arc::new(fresh_file(
+                &args.dir.join(format!("plain-{name}")),
+                size / BS,
+                args.cache,
+            )));
+            (pool, [plain, vol])
+        };
+        let fresh = want("fresh-4k").then(|| own_pair("fresh", args.size));
+        let fresh_big = want("fresh-4k-big").then(|| own_pair("fresh-big", args.fresh_size));
         let seq = [plain_seq, vol("seq")];
         let filled = |len: usize, byte: u8| {
             let mut b = AlignedBuf::zeroed(len);
@@ -431,14 +503,43 @@ fn main() {
             }
         };
         rt.block_on(async {
-            // fresh-4k, both sides with no flush.
+            // fresh-4k, both sides with no flush: every block once, in slices.
+            if let Some((_, sides)) = &fresh {
+                let b = buf4k.clone();
+                let r = both(sides, Run::Slices(blocks), move |t, i| {
+                    let b = b.clone();
+                    async move { t.write(spread(i, blocks) * BS + 8192, &b).await }
+                })
+                .await;
+                report(0, r);
+            }
+            // fresh-4k-big: the same for `--secs` on the big volume, at most every block once.
+            if let Some((_, sides)) = &fresh_big {
+                let b = buf4k.clone();
+                let run = Run::Timed {
+                    secs: args.secs,
+                    cap: Some(fresh_blocks),
+                };
+                let r = both(sides, run, move |t, i| {
+                    let b = b.clone();
+                    async move { t.write(spread(i, fresh_blocks) * BS + 8192, &b).await }
+                })
+                .await;
+                report(7, r);
+            }
+
+            // The fill (untimed): 4 KiB into each of `ops` blocks of `rand`, where
+            // overwrite-4k, read-4k and the commit phase work.
             let b = buf4k.clone();
-            let r = both(&rand, Some(ops), None, move |t, i| {
+            let fill = Arc::new(move |t: Target, i: u64| {
                 let b = b.clone();
                 async move { t.write(spread(i, blocks) * BS + 8192, &b).await }
-            })
-            .await;
-            report(0, r);
+            });
+            for (s, t) in rand.iter().enumerate() {
+                if side_runs(s) {
+                    drive(t, 0, Some(ops), None, fill.clone()).await;
+                }
+            }
 
             // The cost of a commit under load: more fresh writes on the volume (other
             // blocks), with a flush every 50 ms whose latency is recorded.
@@ -490,7 +591,11 @@ fn main() {
                     continue;
                 }
                 let b = buf4k.clone();
-                let r = both(&rand, None, Some(args.secs), move |t, i| {
+                let run = Run::Timed {
+                    secs: args.secs,
+                    cap: None,
+                };
+                let r = both(&rand, run, move |t, i| {
                     let b = b.clone();
                     async move {
                         let mut seed = i.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1;
@@ -514,7 +619,7 @@ fn main() {
                     continue;
                 }
                 let b = buf1m.clone();
-                let r = both(&seq, Some(blocks / 16), None, move |t, i| {
+                let r = both(&seq, Run::Once(blocks / 16), move |t, i| {
                     let b = b.clone();
                     async move {
                         if write {
@@ -535,7 +640,7 @@ fn main() {
             rt.block_on(pool.snapshot("seq", "seq-snap", false))
                 .expect("snapshot");
             let b = buf4k.clone();
-            let r = rt.block_on(both(&seq, Some(cow_ops), None, move |t, i| {
+            let r = rt.block_on(both(&seq, Run::Once(cow_ops), move |t, i| {
                 let b = b.clone();
                 async move { t.write(spread(i, blocks) * BS + 4096, &b).await }
             }));
@@ -547,7 +652,7 @@ fn main() {
             rt.block_on(pool.snapshot("seq", "seq-snap2", false))
                 .expect("snapshot");
             let b = buf4k.clone();
-            let r = rt.block_on(both(&seq, Some(cow_ops), None, move |t, i| {
+            let r = rt.block_on(both(&seq, Run::Once(cow_ops), move |t, i| {
                 let b = b.clone();
                 async move {
                     let blk = spread(i, blocks);
@@ -577,9 +682,11 @@ fn main() {
         v.get(v.len() / 2).copied()
     };
     println!(
-        "\nmedian of {} rounds; QD{QD}; {} GiB; {} fresh and {} CoW writes per round; {} s timed runs",
+        "\nmedian of {} rounds; QD{QD}; {} GiB ({} GiB for fresh-4k); {} blocks filled and {} CoW \
+         writes per round; {} s timed runs",
         args.rounds,
         args.size >> 30,
+        args.fresh_size >> 30,
         ops,
         cow_ops,
         args.secs
