@@ -13,7 +13,7 @@
 //! - fresh-4k: a 4 KiB write into every block of a volume once (allocate on demand), in a
 //!   random order, on a volume of its own in a pool of its own, against a plain file of the
 //!   same size; in `--slices` slices per side taking turns (a single run of 20 000 writes
-//!   lasted 0.15–0.2 s a side, and its ratio swung from 0.73 to 1.27 between rounds);
+//!   lasted 0.15–0.2 s a side, and its ratio swung from 0.73 to 1.22 between rounds);
 //! - overwrite-4k / read-4k: random 4 KiB, `--secs` each, in the `--ops` blocks an untimed
 //!   fill wrote 4 KiB into (as fresh-4k does) on another volume and plain file;
 //! - seqwrite-1m / seqread-1m: the whole 4 GiB in 1 MiB requests;
@@ -682,7 +682,7 @@ fn main() {
         v.get(v.len() / 2).copied()
     };
     println!(
-        "\nmedian of {} rounds; QD{QD}; {} GiB ({} GiB for fresh-4k); {} blocks filled and {} CoW \
+        "\nmedian of {} rounds; QD{QD}; {} GiB ({} GiB for fresh-4k-big); {} blocks filled and {} CoW \
          writes per round; {} s timed runs",
         args.rounds,
         args.size >> 30,
