@@ -280,6 +280,48 @@ fn metadata_exhaustion_fails_cleanly_and_grow_resumes() {
     pool_common::thin_check(&dir.path().join("metadata")).unwrap();
 }
 
+/// A block given back with `release_zeroed` is reported zeroed to its next holder only, by
+/// whichever way it is reserved next; a plain release, or any reservation in between, forgets
+/// it. (Were a reservation path to keep the mark, a volume could skip zeroing a block another
+/// holder wrote into.)
+#[test]
+fn zeroed_blocks_are_reported_once_and_forgotten_by_any_reservation() {
+    let (_dir, p) = pool(1000);
+    let at = |b: u64| p.reserve_data_block_at(DataBlock(b)).unwrap().unwrap();
+    // Given back zeroed, reserved again at the same place: zeroed, once.
+    p.release_zeroed(at(100));
+    let r = at(100);
+    assert!(r.known_zeroed());
+    p.release_reservation(r);
+    let r = at(100);
+    assert!(!r.known_zeroed(), "a plain release must forget it");
+    p.release_reservation(r);
+    // A batch reservation takes the mark, and a later single reservation does not see it.
+    for b in 200..204 {
+        p.release_zeroed(at(b));
+    }
+    let batch = p.reserve_data_blocks(Some(DataBlock(200)), 2).unwrap();
+    assert_eq!(batch[0].block(), DataBlock(200));
+    assert!(batch.iter().all(|r| r.known_zeroed()));
+    for r in batch {
+        p.release_reservation(r);
+    }
+    assert!(!at(200).known_zeroed());
+    assert!(!at(201).known_zeroed());
+    assert!(at(202).known_zeroed());
+    // The cursor's way (reserve_data_block) takes the mark too.
+    let (_dir2, q) = pool(4);
+    for b in 0..4 {
+        q.release_zeroed(q.reserve_data_block_at(DataBlock(b)).unwrap().unwrap());
+    }
+    let r = q.reserve_data_block().unwrap();
+    assert!(r.known_zeroed());
+    let b = r.block();
+    q.release_reservation(r);
+    let again = q.reserve_data_block_at(b).unwrap().unwrap();
+    assert!(!again.known_zeroed());
+}
+
 #[test]
 fn batch_reservations_are_consecutive_and_respect_hints() {
     let (_dir, mut p) = pool(1000);

@@ -270,6 +270,58 @@ fn random_writes_place_each_group_on_consecutive_blocks() {
     thin_check(&dir.path().join("metadata")).unwrap();
 }
 
+/// More groups than a pool keeps open (4 096, `place::MAX_OPEN_GROUPS`): the oldest close,
+/// giving their unused slots back as known holes (`Pool::release_zeroed`). A later partial
+/// write into a closed group still lands on its run, and the rest of the block reads as
+/// zeros.
+#[test]
+fn closed_groups_keep_their_runs_and_their_holes() {
+    const GROUPS: u64 = 4200;
+    // Room for every group's run, and spare.
+    let (dir, vp) = small_volume_pool(GROUPS * 16 + 256);
+    let rt = runtime();
+    rt.block_on(async {
+        vp.create_volume("a", GROUPS * 16 * BS).await.unwrap();
+        let a = vp.volume("a").unwrap();
+        // The first block of every group, in order: the first groups close as later ones open.
+        for g in 0..GROUPS {
+            a.write(
+                g * 16 * BS + 8192,
+                &[IoSlice::new(&pattern(g, 4096))],
+                false,
+            )
+            .await
+            .unwrap();
+        }
+        // The second block of the first 200 groups, most of them closed by now.
+        for g in 0..200 {
+            a.write(
+                (g * 16 + 1) * BS,
+                &[IoSlice::new(&pattern(GROUPS + g, 4096))],
+                false,
+            )
+            .await
+            .unwrap();
+        }
+        a.flush().await.unwrap();
+        {
+            let pool = vp.pool();
+            let at = |v: u64| pool.lookup(a.dev(), VirtBlock(v)).unwrap().unwrap().block.0;
+            for g in 0..200 {
+                assert_eq!(at(g * 16 + 1), at(g * 16) + 1, "group {g} left its run");
+            }
+        }
+        for g in 0..200 {
+            let got = read_block(&a, g * 16 + 1).await;
+            assert_eq!(&got[..4096], &pattern(GROUPS + g, 4096)[..], "group {g}");
+            assert!(got[4096..].iter().all(|&x| x == 0), "group {g}: not zeros");
+        }
+        uthin_check_volumes(&vp).unwrap();
+    });
+    drop(vp);
+    thin_check(&dir.path().join("metadata")).unwrap();
+}
+
 /// After a restart (empty mapping cache, no open groups), the rest of a half-written group
 /// still goes to the group's run: its base comes from the tree.
 #[test]

@@ -78,14 +78,33 @@ pub struct OpenOptions {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Reservation {
     block: DataBlock,
+    /// The block was given back by [`Pool::release_zeroed`] and reserved by nobody since.
+    zeroed: bool,
 }
 
 impl Reservation {
+    fn new(block: DataBlock, zeroed: bool) -> Reservation {
+        Reservation { block, zeroed }
+    }
+
     /// The reserved data block (write the data here before inserting the mapping).
     pub fn block(&self) -> DataBlock {
         self.block
     }
+
+    /// Whether the block is known to read as zeros: its last holder gave it back unwritten
+    /// with [`Pool::release_zeroed`], and nobody has reserved it since. `false` says nothing.
+    pub fn known_zeroed(&self) -> bool {
+        self.zeroed
+    }
 }
+
+/// Blocks per window of [`Allocator::zeroed`].
+const ZEROED_WINDOW: u64 = 16;
+
+/// Windows [`Allocator::zeroed`] keeps at most (about 1.5 MiB); past that, blocks given back
+/// as zeroed are forgotten (their next holder checks them).
+const MAX_ZEROED_WINDOWS: usize = 64 * 1024;
 
 #[derive(Debug, Default)]
 struct Allocator {
@@ -94,8 +113,31 @@ struct Allocator {
     reserved: HashSet<u64>,
     /// Blocks freed by a durable commit whose holes the data layer has not confirmed punched.
     quarantined: HashSet<u64>,
+    /// Free, unreserved blocks known to read as zeros ([`Pool::release_zeroed`]): window
+    /// (block / [`ZEROED_WINDOW`]) → a bit per block of the window. A block leaves it when
+    /// anyone reserves it, so a bit is only ever set for a block nobody could have written
+    /// since it was given back (data goes only into reserved or mapped blocks). In memory
+    /// only: after a restart every block is checked again.
+    zeroed: foldhash::HashMap<u64, u16>,
     /// Where the next search starts (keeps allocation roughly sequential).
     cursor: u64,
+}
+
+impl Allocator {
+    /// Reserves `block` (the caller checked that it is usable).
+    fn reserve(&mut self, block: u64) -> Reservation {
+        self.reserved.insert(block);
+        let (window, bit) = (block / ZEROED_WINDOW, 1u16 << (block % ZEROED_WINDOW));
+        let mut zeroed = false;
+        if let Some(mask) = self.zeroed.get_mut(&window) {
+            zeroed = *mask & bit != 0;
+            *mask &= !bit;
+            if *mask == 0 {
+                self.zeroed.remove(&window);
+            }
+        }
+        Reservation::new(DataBlock(block), zeroed)
+    }
 }
 
 /// An open thin pool. `&self` methods may be called concurrently; see `docs/pool.md`.
@@ -744,9 +786,8 @@ impl Pool {
         let mut a = self.alloc.lock();
         let total = self.meta.data_nr_blocks();
         let b = self.find_usable(&a, a.cursor.min(total), total)?;
-        a.reserved.insert(b.0);
         a.cursor = b.0 + 1;
-        Ok(Reservation { block: b })
+        Ok(a.reserve(b.0))
     }
 
     /// Reserves up to `max` data blocks at once (at least one): the first usable block at or
@@ -762,8 +803,7 @@ impl Pool {
         let total = self.meta.data_nr_blocks();
         let start = near.map_or(a.cursor, |b| b.0).min(total);
         let first = self.find_usable(&a, start, total)?;
-        let mut out = vec![Reservation { block: first }];
-        a.reserved.insert(first.0);
+        let mut out = vec![a.reserve(first.0)];
         let mut next = first.0 + 1;
         // Free in both space maps, found in one pass over their bitmaps.
         let free = self
@@ -774,10 +814,7 @@ impl Pool {
             if a.reserved.contains(&next) || a.quarantined.contains(&next) {
                 break;
             }
-            a.reserved.insert(next);
-            out.push(Reservation {
-                block: DataBlock(next),
-            });
+            out.push(a.reserve(next));
             next += 1;
         }
         // The pool's cursor stays past every run handed out, hinted or not: the next search
@@ -800,8 +837,7 @@ impl Pool {
         {
             return Ok(None);
         }
-        a.reserved.insert(block.0);
-        Ok(Some(Reservation { block }))
+        Ok(Some(a.reserve(block.0)))
     }
 
     /// The first block at or after `from` (wrapping once) free in both space maps and neither
@@ -835,6 +871,24 @@ impl Pool {
     /// Gives back an unused reservation.
     pub fn release_reservation(&self, r: Reservation) {
         self.alloc.lock().reserved.remove(&r.block.0);
+    }
+
+    /// Gives back an unused reservation whose block the caller knows reads as zeros (a hole
+    /// when it was reserved, and not written since). The block's next reservation says so
+    /// ([`Reservation::known_zeroed`]), which spares the data layer a hole check (docs/volume.md,
+    /// "Fresh writes").
+    pub fn release_zeroed(&self, r: Reservation) {
+        let mut a = self.alloc.lock();
+        let b = r.block.0;
+        if !a.reserved.remove(&b) {
+            return;
+        }
+        let (window, bit) = (b / ZEROED_WINDOW, 1u16 << (b % ZEROED_WINDOW));
+        if let Some(mask) = a.zeroed.get_mut(&window) {
+            *mask |= bit;
+        } else if a.zeroed.len() < MAX_ZEROED_WINDOWS {
+            a.zeroed.insert(window, bit);
+        }
     }
 
     /// Maps `vblock` of `dev` to the reserved block (count 0 → 1), consuming the reservation.

@@ -822,7 +822,7 @@ impl Shared {
     /// the slots of its open groups.
     fn give_back_reserved(&self, pool: &Pool, state: &DevState) {
         for s in state.stash.lock().drain(..) {
-            pool.release_reservation(s.r);
+            place::give_back(pool, s);
         }
         self.close_groups(pool, state);
     }

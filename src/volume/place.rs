@@ -15,12 +15,14 @@
 //! every run, and every new run and stash starts from it, so the slots of a closed group stay
 //! free for a while; a later write into such a group (or any group after a restart) finds the
 //! run's base from a mapping of the group in the mapping cache, else from the group's first
-//! mapping in the tree, and reserves its slot if it is still usable. Whether such a slot is a
-//! hole is left to the write, which asks with one `SEEK_DATA` (`DataFile::make_zero`) after
-//! the pool's lock is released: a slot below the end of the data file's data needs that
-//! system call, which waits for ext4's inode lock behind every buffered write in flight, and
-//! waiting for it under the pool's read lock stalled every other request (a writer waiting
-//! for the lock blocks new readers).
+//! mapping in the tree, and reserves its slot if it is still usable. A closing group gives
+//! its unused slots back saying which are holes ([`give_back`], `Pool::release_zeroed`), and
+//! the pool says so again when the slot is reserved next, unless someone else reserved it in
+//! between. Otherwise whether the slot is a hole is left to the write, which asks with one
+//! `SEEK_DATA` (`DataFile::make_zero`) after the pool's lock is released: a slot below the
+//! end of the data file's data needs that system call, which waits for ext4's inode lock
+//! behind every buffered write in flight, and waiting for it under the pool's read lock
+//! stalled every other request (a writer waiting for the lock blocks new readers).
 //!
 //! Why: blocks used to be handed out in arrival order (the device's stash), so a volume
 //! provisioned by random 4 KiB writes had its 1 MiB stretches scattered over the data file,
@@ -73,15 +75,15 @@ pub(super) struct OpenGroups {
 impl OpenGroups {
     /// Takes every reserved slot out (to give back to the pool); returns how many groups
     /// were open.
-    pub(super) fn drain(&mut self) -> (usize, Vec<Reservation>) {
+    pub(super) fn drain(&mut self) -> (usize, Vec<Stashed>) {
         self.order.clear();
         let n = self.groups.len();
-        let rs = self
+        let slots = self
             .groups
             .drain()
-            .flat_map(|(_, slots)| slots.into_iter().flatten().map(|s| s.r))
+            .flat_map(|(_, slots)| slots.into_iter().flatten())
             .collect();
-        (n, rs)
+        (n, slots)
     }
 }
 
@@ -107,7 +109,7 @@ impl Shared {
                 Ok(Some(placed)) => got.extend(placed),
                 other => {
                     for s in got {
-                        pool.release_reservation(s.r);
+                        give_back(pool, s);
                     }
                     return other.map(|_| None);
                 }
@@ -144,7 +146,7 @@ impl Shared {
                 continue;
             }
             if let Some(rs) = reserve_slots(pool, base, first, vbs)? {
-                return Ok(Some(unchecked(rs)));
+                return Ok(Some(reserved_again(rs)));
             }
             bases.push(base);
             if bases.len() == MAX_BASES {
@@ -161,7 +163,7 @@ impl Shared {
                     if let Some(base) = block.0.checked_sub(u.0 - first)
                         && let Some(rs) = reserve_slots(pool, base, first, vbs)?
                     {
-                        return Ok(Some(unchecked(rs)));
+                        return Ok(Some(reserved_again(rs)));
                     }
                 }
                 _ => empty = true,
@@ -254,20 +256,20 @@ impl Shared {
             if let Some(old) = open.groups.remove(&oldest) {
                 self.open_groups.fetch_sub(1, Ordering::AcqRel);
                 for s in old.into_iter().flatten() {
-                    pool.release_reservation(s.r);
+                    give_back(pool, s);
                 }
             }
         }
         if self.open_groups.load(Ordering::Acquire) >= MAX_OPEN_GROUPS {
             for s in slots.into_iter().flatten() {
-                pool.release_reservation(s.r);
+                give_back(pool, s);
             }
             return;
         }
         if let Some(stale) = open.groups.insert(group, slots) {
             // Two writes opened the group at once: the first run's slots go back.
             for s in stale.into_iter().flatten() {
-                pool.release_reservation(s.r);
+                give_back(pool, s);
             }
         } else {
             self.open_groups.fetch_add(1, Ordering::AcqRel);
@@ -283,17 +285,35 @@ impl Shared {
 
     /// Gives every open group's slots of `state`'s device back to the pool.
     pub(super) fn close_groups(&self, pool: &Pool, state: &DevState) {
-        let (n, rs) = state.groups.lock().drain();
+        let (n, slots) = state.groups.lock().drain();
         self.open_groups.fetch_sub(n, Ordering::AcqRel);
-        for r in rs {
-            pool.release_reservation(r);
+        for s in slots {
+            give_back(pool, s);
         }
     }
 }
 
-/// Slots whose holes are not known: the write checks them, outside the pool's lock.
-fn unchecked(rs: Vec<Reservation>) -> Vec<Stashed> {
-    rs.into_iter().map(|r| Stashed { r, hole: false }).collect()
+/// Slots of a closed group, reserved again: holes if the pool says so (the group gave them
+/// back unwritten and nobody took them since, `Pool::release_zeroed`), else the write checks
+/// them, outside the pool's lock.
+fn reserved_again(rs: Vec<Reservation>) -> Vec<Stashed> {
+    rs.into_iter()
+        .map(|r| Stashed {
+            hole: r.known_zeroed(),
+            r,
+        })
+        .collect()
+}
+
+/// Gives an unused slot back to the pool, saying that it reads as zeros when that is known:
+/// a slot is reserved for its group alone, so a hole when stashed is a hole still. A later
+/// write into the closed group that takes the slot again then skips its `SEEK_DATA`.
+pub(super) fn give_back(pool: &Pool, s: Stashed) {
+    if s.hole {
+        pool.release_zeroed(s.r);
+    } else {
+        pool.release_reservation(s.r);
+    }
 }
 
 /// Reserves the slots of `vbs` (in the group starting at virtual block `first`) in the run
