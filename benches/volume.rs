@@ -299,6 +299,12 @@ fn spread(i: u64, blocks: u64) -> u64 {
     (i.wrapping_mul(0x9E37_79B9) + 7) % blocks
 }
 
+/// The i-th fresh write of the fresh workloads and the fill: `buf` at 8 KiB into the i-th
+/// block (by [`spread`]) of a target of `blocks` blocks.
+async fn fresh_write(t: Target, buf: Arc<AlignedBuf>, blocks: u64, i: u64) {
+    t.write(spread(i, blocks) * BS + 8192, &buf).await
+}
+
 const WORKLOADS: [&str; 8] = [
     "fresh-4k",
     "overwrite-4k",
@@ -357,7 +363,6 @@ where
         Run::Once(_) => vec![1, 0],
     };
     let mut total = [Driven::default(); 2];
-    let mut ran = [0u64; 2];
     let mut rates: [Vec<String>; 2] = Default::default();
     for s in order {
         if !side_runs(s) {
@@ -367,14 +372,17 @@ where
         let first = total[s].done;
         let (count, secs) = match run {
             Run::Once(n) => (Some(n), None),
-            // Slice k of n ends at request (k + 1) * count / n.
-            Run::Slices(n) => (Some((ran[s] + 1) * n / slices - first), None),
+            // Slice k (the side's slices so far) of `slices` ends at request
+            // (k + 1) * n / slices.
+            Run::Slices(n) => {
+                let k = rates[s].len() as u64;
+                (Some((k + 1) * n / slices - first), None)
+            }
             Run::Timed { secs, cap } => (
                 cap.map(|c| c.saturating_sub(first)),
                 Some(secs / slices as f64),
             ),
         };
-        ran[s] += 1;
         let d = drive(&sides[s], first, count, secs, op.clone()).await;
         rates[s].push(format!("{:.0}", d.rate()));
         total[s].add(d);
@@ -427,22 +435,25 @@ fn main() {
             2 * blocks,
             args.cache,
         )));
-        let pool_dir = args.dir.join("pool");
-        // A fresh, fully sparse data file every round.
-        let _ = std::fs::remove_dir_all(&pool_dir);
-        let pool = Pool::create(
-            &pool_dir,
-            &CreateOptions {
-                // rand, seq and the copies of cow-4k and copy-4k.
-                data_size: args.size * 4,
-                block_size: BS,
-                metadata_size: None,
-                force: true,
-            },
-        )
-        .expect("pool");
-        let pool =
-            VolumePool::open_with(pool, DEFAULT_CACHE_ENTRIES, args.cache).expect("volume pool");
+        // A new pool in `DIR/name` of `data_size` bytes: a fresh, fully sparse data file
+        // every round.
+        let new_pool = |name: &str, data_size: u64| {
+            let dir = args.dir.join(name);
+            let _ = std::fs::remove_dir_all(&dir);
+            let pool = Pool::create(
+                &dir,
+                &CreateOptions {
+                    data_size,
+                    block_size: BS,
+                    metadata_size: None,
+                    force: true,
+                },
+            )
+            .expect("pool");
+            VolumePool::open_with(pool, DEFAULT_CACHE_ENTRIES, args.cache).expect("volume pool")
+        };
+        // rand, seq and the copies of cow-4k and copy-4k.
+        let pool = new_pool("pool", args.size * 4);
         let vol = |name: &str| {
             rt.block_on(pool.create_volume(name, args.size))
                 .expect("create");
@@ -453,20 +464,7 @@ fn main() {
         // written blocks do not fragment the data file the other workloads' volumes share
         // (docs/volume.md, "1 MiB sequential writes and the data file's extent tree").
         let own_pair = |name: &str, size: u64| {
-            let dir = args.dir.join(format!("pool-{name}"));
-            let _ = std::fs::remove_dir_all(&dir);
-            let pool = Pool::create(
-                &dir,
-                &CreateOptions {
-                    data_size: size,
-                    block_size: BS,
-                    metadata_size: None,
-                    force: true,
-                },
-            )
-            .expect("pool of a fresh workload");
-            let pool = VolumePool::open_with(pool, DEFAULT_CACHE_ENTRIES, args.cache)
-                .expect("volume pool");
+            let pool = new_pool(&format!("pool-{name}"), size);
             rt.block_on(pool.create_volume(name, size)).expect("create");
             let vol = Target::Vol(Arc::new(pool.volume(name).expect("volume")));
             let plain = Target::Plain(Arc::new(fresh_file(
@@ -507,8 +505,7 @@ fn main() {
             if let Some((_, sides)) = &fresh {
                 let b = buf4k.clone();
                 let r = both(sides, Run::Slices(blocks), move |t, i| {
-                    let b = b.clone();
-                    async move { t.write(spread(i, blocks) * BS + 8192, &b).await }
+                    fresh_write(t, b.clone(), blocks, i)
                 })
                 .await;
                 report(0, r);
@@ -521,8 +518,7 @@ fn main() {
                     cap: Some(fresh_blocks),
                 };
                 let r = both(sides, run, move |t, i| {
-                    let b = b.clone();
-                    async move { t.write(spread(i, fresh_blocks) * BS + 8192, &b).await }
+                    fresh_write(t, b.clone(), fresh_blocks, i)
                 })
                 .await;
                 report(7, r);
@@ -531,10 +527,7 @@ fn main() {
             // The fill (untimed): 4 KiB into each of `ops` blocks of `rand`, where
             // overwrite-4k, read-4k and the commit phase work.
             let b = buf4k.clone();
-            let fill = Arc::new(move |t: Target, i: u64| {
-                let b = b.clone();
-                async move { t.write(spread(i, blocks) * BS + 8192, &b).await }
-            });
+            let fill = Arc::new(move |t: Target, i: u64| fresh_write(t, b.clone(), blocks, i));
             for (s, t) in rand.iter().enumerate() {
                 if side_runs(s) {
                     drive(t, 0, Some(ops), None, fill.clone()).await;
@@ -561,10 +554,8 @@ fn main() {
                     lat
                 });
                 let b = buf4k.clone();
-                let op = Arc::new(move |t: Target, i: u64| {
-                    let b = b.clone();
-                    async move { t.write(spread(ops + i, blocks) * BS + 8192, &b).await }
-                });
+                let op =
+                    Arc::new(move |t: Target, i: u64| fresh_write(t, b.clone(), blocks, ops + i));
                 let rate = drive(&rand[1], 0, Some(blocks - ops), Some(args.secs), op)
                     .await
                     .rate();
@@ -701,7 +692,7 @@ fn main() {
         if res[w][0].is_empty() && res[w][1].is_empty() {
             continue;
         }
-        let per_round: Vec<f64> = res[w][0]
+        let mut per_round: Vec<f64> = res[w][0]
             .iter()
             .zip(&res[w][1])
             .map(|(p, v)| v / p)
@@ -718,7 +709,7 @@ fn main() {
             Some(x) if w == 3 || w == 4 => format!("{x:.0} MiB/s"),
             Some(x) => format!("{x:.0} IOPS"),
         };
-        let ratio = med(&mut per_round.clone()).map_or("-".to_string(), |r| format!("{r:.2}"));
+        let ratio = med(&mut per_round).map_or("-".to_string(), |r| format!("{r:.2}"));
         println!("| {name} | {} | {} | {ratio} | {rounds} |", fmt(p), fmt(v));
     }
     println!();
