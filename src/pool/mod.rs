@@ -83,10 +83,6 @@ pub struct Reservation {
 }
 
 impl Reservation {
-    fn new(block: DataBlock, zeroed: bool) -> Reservation {
-        Reservation { block, zeroed }
-    }
-
     /// The reserved data block (write the data here before inserting the mapping).
     pub fn block(&self) -> DataBlock {
         self.block
@@ -123,11 +119,16 @@ struct Allocator {
     cursor: u64,
 }
 
+/// `block`'s window in [`Allocator::zeroed`] and its bit there.
+fn zeroed_bit(block: u64) -> (u64, u16) {
+    (block / ZEROED_WINDOW, 1u16 << (block % ZEROED_WINDOW))
+}
+
 impl Allocator {
     /// Reserves `block` (the caller checked that it is usable).
     fn reserve(&mut self, block: u64) -> Reservation {
         self.reserved.insert(block);
-        let (window, bit) = (block / ZEROED_WINDOW, 1u16 << (block % ZEROED_WINDOW));
+        let (window, bit) = zeroed_bit(block);
         let mut zeroed = false;
         if let Some(mask) = self.zeroed.get_mut(&window) {
             zeroed = *mask & bit != 0;
@@ -136,7 +137,10 @@ impl Allocator {
                 self.zeroed.remove(&window);
             }
         }
-        Reservation::new(DataBlock(block), zeroed)
+        Reservation {
+            block: DataBlock(block),
+            zeroed,
+        }
     }
 }
 
@@ -883,7 +887,7 @@ impl Pool {
         if !a.reserved.remove(&b) {
             return;
         }
-        let (window, bit) = (b / ZEROED_WINDOW, 1u16 << (b % ZEROED_WINDOW));
+        let (window, bit) = zeroed_bit(b);
         if let Some(mask) = a.zeroed.get_mut(&window) {
             *mask |= bit;
         } else if a.zeroed.len() < MAX_ZEROED_WINDOWS {

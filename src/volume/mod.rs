@@ -88,6 +88,20 @@ struct Stashed {
     hole: bool,
 }
 
+impl Stashed {
+    /// Gives the unused block back to the pool, saying that it reads as zeros when that is
+    /// known: a stashed block is reserved for its device alone, so a hole when stashed is a
+    /// hole still. A later write that reserves it again (into a closed placement group,
+    /// `place.rs`) then skips its `SEEK_DATA`.
+    fn give_back(self, pool: &Pool) {
+        if self.hole {
+            pool.release_zeroed(self.r);
+        } else {
+            pool.release_reservation(self.r);
+        }
+    }
+}
+
 /// Per-device state shared by every [`Volume`] handle of that device.
 struct DevState {
     /// Blocks reserved ahead in runs of consecutive blocks from the pool's cursor, handed out
@@ -822,7 +836,7 @@ impl Shared {
     /// the slots of its open groups.
     fn give_back_reserved(&self, pool: &Pool, state: &DevState) {
         for s in state.stash.lock().drain(..) {
-            place::give_back(pool, s);
+            s.give_back(pool);
         }
         self.close_groups(pool, state);
     }

@@ -16,9 +16,9 @@
 //! free for a while; a later write into such a group (or any group after a restart) finds the
 //! run's base from a mapping of the group in the mapping cache, else from the group's first
 //! mapping in the tree, and reserves its slot if it is still usable. A closing group gives
-//! its unused slots back saying which are holes ([`give_back`], `Pool::release_zeroed`), and
-//! the pool says so again when the slot is reserved next, unless someone else reserved it in
-//! between. Otherwise whether the slot is a hole is left to the write, which asks with one
+//! its unused slots back saying which are holes (`Stashed::give_back`,
+//! `Pool::release_zeroed`), and the pool says so again when the slot is reserved next, unless
+//! someone else reserved it in between. Otherwise whether the slot is a hole is left to the write, which asks with one
 //! `SEEK_DATA` (`DataFile::make_zero`) after the pool's lock is released: a slot below the
 //! end of the data file's data needs that system call, which waits for ext4's inode lock
 //! behind every buffered write in flight, and waiting for it under the pool's read lock
@@ -109,7 +109,7 @@ impl Shared {
                 Ok(Some(placed)) => got.extend(placed),
                 other => {
                     for s in got {
-                        give_back(pool, s);
+                        s.give_back(pool);
                     }
                     return other.map(|_| None);
                 }
@@ -256,20 +256,20 @@ impl Shared {
             if let Some(old) = open.groups.remove(&oldest) {
                 self.open_groups.fetch_sub(1, Ordering::AcqRel);
                 for s in old.into_iter().flatten() {
-                    give_back(pool, s);
+                    s.give_back(pool);
                 }
             }
         }
         if self.open_groups.load(Ordering::Acquire) >= MAX_OPEN_GROUPS {
             for s in slots.into_iter().flatten() {
-                give_back(pool, s);
+                s.give_back(pool);
             }
             return;
         }
         if let Some(stale) = open.groups.insert(group, slots) {
             // Two writes opened the group at once: the first run's slots go back.
             for s in stale.into_iter().flatten() {
-                give_back(pool, s);
+                s.give_back(pool);
             }
         } else {
             self.open_groups.fetch_add(1, Ordering::AcqRel);
@@ -288,7 +288,7 @@ impl Shared {
         let (n, slots) = state.groups.lock().drain();
         self.open_groups.fetch_sub(n, Ordering::AcqRel);
         for s in slots {
-            give_back(pool, s);
+            s.give_back(pool);
         }
     }
 }
@@ -303,17 +303,6 @@ fn reserved_again(rs: Vec<Reservation>) -> Vec<Stashed> {
             r,
         })
         .collect()
-}
-
-/// Gives an unused slot back to the pool, saying that it reads as zeros when that is known:
-/// a slot is reserved for its group alone, so a hole when stashed is a hole still. A later
-/// write into the closed group that takes the slot again then skips its `SEEK_DATA`.
-pub(super) fn give_back(pool: &Pool, s: Stashed) {
-    if s.hole {
-        pool.release_zeroed(s.r);
-    } else {
-        pool.release_reservation(s.r);
-    }
 }
 
 /// Reserves the slots of `vbs` (in the group starting at virtual block `first`) in the run
