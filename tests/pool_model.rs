@@ -1,5 +1,7 @@
 //! Model test of the pool: random create / snapshot / delete / write (provision or break
-//! sharing) / discard / commit / reopen / crash against a simple model. After every step every
+//! sharing) / discard / commit / reopen / crash against a simple model, with blocks given back
+//! zeroed and taken again through the lock-free `Reserver` (which must only ever hand out a
+//! block that nobody holds, now or in the last commit). After every step every
 //! mapping matches the model, `shared` is exact, no volume sees another's blocks, and the
 //! pool's own check is clean; regularly also `thin_check` and a `thin_dump` comparison.
 
@@ -26,6 +28,11 @@ enum Op {
     Reopen,
     Crash,
     Rename(usize, usize),
+    /// Reserve this data block if usable and give it back zeroed (`Pool::release_zeroed`).
+    GiveBackZeroed(u64),
+    /// Map this virtual block of this volume, if unmapped, to this data block if the
+    /// `Reserver` hands it out (only blocks given back zeroed and not reserved since).
+    MapZeroed(usize, u64, u64),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -39,6 +46,9 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Reopen),
         1 => Just(Op::Crash),
         1 => (0..NAMES, 0..NAMES).prop_map(|(a, b)| Op::Rename(a, b)),
+        // Low data blocks: where writes and discards take and free blocks.
+        3 => (0..120u64).prop_map(Op::GiveBackZeroed),
+        3 => (0..NAMES, 0..VBLOCKS, 0..120u64).prop_map(|(v, vb, b)| Op::MapZeroed(v, vb, b)),
     ]
 }
 
@@ -229,6 +239,41 @@ fn run(ops: Vec<Op>) {
                     assert!(!owners.contains_key(&b.0), "freed {b} is still mapped");
                 }
             }
+            Op::GiveBackZeroed(b) => {
+                if let Some(r) = pool.reserve_data_block_at(DataBlock(b)).unwrap() {
+                    assert!(
+                        !model.owners().contains_key(&b),
+                        "step {step}: {b} is mapped"
+                    );
+                    assert!(
+                        !committed.owners().contains_key(&b),
+                        "step {step}: {b} is mapped in the last commit"
+                    );
+                    pool.release_zeroed(r);
+                }
+            }
+            Op::MapZeroed(i, vb, b) => {
+                let Some((dev, map)) = model.vols.get(&name(i)).cloned() else {
+                    continue;
+                };
+                if map.contains_key(&vb) {
+                    continue;
+                }
+                let Some(r) = pool.reserver().reserve_zeroed_at(DataBlock(b)) else {
+                    continue;
+                };
+                assert!(r.known_zeroed());
+                assert!(
+                    !model.owners().contains_key(&b) && !committed.owners().contains_key(&b),
+                    "step {step}: the reserver handed out {b}, which is someone's"
+                );
+                assert!(
+                    pool.reserve_data_block_at(DataBlock(b)).unwrap().is_none(),
+                    "step {step}: {b} reserved twice"
+                );
+                pool.insert_mapping(DevId(dev), VirtBlock(vb), r).unwrap();
+                model.vols.get_mut(&name(i)).unwrap().1.insert(vb, b);
+            }
             Op::Commit => {
                 let c = pool.commit().unwrap();
                 pool.release_freed(&c.freed);
@@ -280,5 +325,26 @@ fn snapshot_chain_and_delete_middle() {
         Op::Crash,
         Op::Discard(2, 0, 100),
         Op::Reopen,
+    ]);
+}
+
+/// A block given back zeroed, then mapped by a write through the cursor, is not handed out
+/// by the reserver; one freed by a discard is not either, before or after the commit.
+#[test]
+fn zeroed_blocks_taken_by_others_are_not_handed_out() {
+    run(vec![
+        Op::Create(0),
+        Op::GiveBackZeroed(0),
+        Op::GiveBackZeroed(1),
+        Op::Write(0, 0, 2),
+        Op::MapZeroed(0, 10, 0),
+        Op::MapZeroed(0, 11, 1),
+        Op::Discard(0, 0, 2),
+        Op::MapZeroed(0, 12, 0),
+        Op::Commit,
+        Op::MapZeroed(0, 13, 1),
+        Op::GiveBackZeroed(0),
+        Op::MapZeroed(0, 14, 0),
+        Op::MapZeroed(0, 15, 0),
     ]);
 }
