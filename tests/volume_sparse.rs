@@ -12,7 +12,8 @@ use uthin::pool::Pool;
 use uthin::units::{DevId, VirtBlock};
 use uthin::volume::VolumePool;
 use volume_common::{
-    BS, pattern, read_block, runtime, small_volume_pool, thin_check, uthin_check_volumes,
+    BS, create_opts, pattern, read_block, runtime, small_volume_pool, thin_check,
+    uthin_check_volumes,
 };
 
 const DATA_BLOCKS: u64 = 512;
@@ -273,12 +274,27 @@ fn random_writes_place_each_group_on_consecutive_blocks() {
 /// More groups than a pool keeps open (4 096, `place::MAX_OPEN_GROUPS`): the oldest close,
 /// giving their unused slots back as known holes (`Pool::release_zeroed`). A later partial
 /// write into a closed group still lands on its run, and the rest of the block reads as
-/// zeros.
+/// zeros. With a mapping cache too small to keep the first groups, the write finds the run
+/// from the tree under the pool's lock.
 #[test]
 fn closed_groups_keep_their_runs_and_their_holes() {
+    closed_groups_case(1024);
+}
+
+/// [`closed_groups_keep_their_runs_and_their_holes`] with a cache that keeps every group:
+/// the write into a closed group finds its run in the cache and takes its slot with no pool
+/// lock (`Shared::place_zeroed`, `Reserver::reserve_zeroed_at`).
+#[test]
+fn closed_groups_keep_their_runs_from_the_cache() {
+    closed_groups_case(1 << 20);
+}
+
+fn closed_groups_case(cache_entries: usize) {
     const GROUPS: u64 = 4200;
     // Room for every group's run, and spare.
-    let (dir, vp) = small_volume_pool(GROUPS * 16 + 256);
+    let dir = tempfile::tempdir().unwrap();
+    let pool = Pool::create(dir.path(), &create_opts(GROUPS * 16 + 256, 2 << 20)).unwrap();
+    let vp = VolumePool::open(pool, cache_entries).unwrap();
     let rt = runtime();
     rt.block_on(async {
         vp.create_volume("a", GROUPS * 16 * BS).await.unwrap();

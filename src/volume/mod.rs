@@ -52,7 +52,7 @@ use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::data::{AlignedBuf, CacheMode, DataFile};
 use crate::device::{BlockDevice, DevError, DevResult, DeviceInfo, Extent, check_range, iov_len};
-use crate::pool::{Pool, PoolError, Reservation, VolumeInfo};
+use crate::pool::{Pool, PoolError, Reservation, Reserver, VolumeInfo};
 use crate::units::{DataBlock, DevId, VirtBlock};
 
 use cache::{Cached, MappingCache};
@@ -155,6 +155,8 @@ pub enum Drain {
 
 struct Shared {
     pool: RwLock<Pool>,
+    /// The pool's reservations, without its lock (`place.rs`, `Shared::place_zeroed`).
+    reserver: Reserver,
     data: DataFile,
     block_size: u64,
     cache: MappingCache,
@@ -322,6 +324,7 @@ impl VolumePool {
         let block_size = u64::from(data.block_size());
         VolumePool {
             shared: Arc::new(Shared {
+                reserver: pool.reserver(),
                 pool: RwLock::new(pool),
                 data,
                 block_size,
@@ -1169,7 +1172,8 @@ impl Volume {
     }
 
     /// The plan of a round whose blocks are all unmapped with their slots waiting in the
-    /// device's open groups (`place.rs`), made without the pool lock: every piece is fresh.
+    /// device's open groups, or given back unwritten by their closed groups (`place.rs`),
+    /// made without the pool lock: every piece is fresh.
     /// The cache's "unmapped" is trusted here because the caller holds the blocks' in-flight
     /// slots: only a write maps a block, and the cache hears of every mapping change under the
     /// lock that makes it. Returns `None` (nothing taken) when any block does not qualify.
@@ -1183,8 +1187,11 @@ impl Volume {
         {
             return None;
         }
-        // All of the slots or none (`take_open`), so one block per piece.
-        let reserved = Reserved::new(sh.clone(), sh.take_open(&self.state, vbs)?);
+        // All of the slots or none (`take_open`, `place_zeroed`), so one block per piece.
+        let slots = sh
+            .take_open(&self.state, vbs)
+            .or_else(|| sh.place_zeroed(self.dev, vbs))?;
+        let reserved = Reserved::new(sh.clone(), slots);
         Some((
             (0..vbs.len()).map(Plan::Fresh).collect(),
             reserved,
@@ -1193,8 +1200,10 @@ impl Volume {
     }
 
     /// The plan of a round from one trip under the pool's read lock: look every block up
-    /// (the cache may say "shared" when the sharer has gone, so always ask the pool here),
-    /// decide, and reserve what is needed.
+    /// (the cache may say "shared" when the sharer has gone, so ask the pool for every block
+    /// the cache does not say is unmapped; its "unmapped" is trusted as in
+    /// [`plan_fresh_unlocked`](Volume::plan_fresh_unlocked)), decide, and reserve what is
+    /// needed.
     async fn plan_locked(&self, vbs: Vec<VirtBlock>) -> DevResult<RoundPlan> {
         let (dev, state, me) = (self.dev, self.state.clone(), self.shared.clone());
         self.shared
@@ -1204,8 +1213,14 @@ impl Volume {
                 let mut fresh_vbs = Vec::new();
                 let mut plans = Vec::with_capacity(vbs.len());
                 for v in vbs {
-                    let c = sh.lookup_locked(pool, dev, &state, v)?;
-                    sh.cache.put(dev, v, c);
+                    let c = match sh.cache.get(dev, v) {
+                        Some(Cached::Unmapped) => Cached::Unmapped,
+                        _ => {
+                            let c = sh.lookup_locked(pool, dev, &state, v)?;
+                            sh.cache.put(dev, v, c);
+                            c
+                        }
+                    };
                     let k = fresh_vbs.len();
                     plans.push(match c {
                         Cached::Mapped {

@@ -18,11 +18,14 @@
 //! mapping in the tree, and reserves its slot if it is still usable. A closing group gives
 //! its unused slots back saying which are holes (`Stashed::give_back`,
 //! `Pool::release_zeroed`), and the pool says so again when the slot is reserved next, unless
-//! someone else reserved it in between. Otherwise whether the slot is a hole is left to the write, which asks with one
-//! `SEEK_DATA` (`DataFile::make_zero`) after the pool's lock is released: a slot below the
-//! end of the data file's data needs that system call, which waits for ext4's inode lock
-//! behind every buffered write in flight, and waiting for it under the pool's read lock
-//! stalled every other request (a writer waiting for the lock blocks new readers).
+//! someone else reserved it in between. Such a slot is free in both space maps by
+//! construction, so a write whose blocks the cache says are unmapped, and whose group's base
+//! a cached mapping gives, takes it with no pool lock at all (`Shared::place_zeroed`, the
+//! pool's `Reserver`). Otherwise whether the slot is a hole is left to the write, which asks
+//! with one `SEEK_DATA` (`DataFile::make_zero`) after the pool's lock is released: a slot
+//! below the end of the data file's data needs that system call, which waits for ext4's
+//! inode lock behind every buffered write in flight, and waiting for it under the pool's
+//! read lock stalled every other request (a writer waiting for the lock blocks new readers).
 //!
 //! Why: blocks used to be handed out in arrival order (the device's stash), so a volume
 //! provisioned by random 4 KiB writes had its 1 MiB stretches scattered over the data file,
@@ -41,7 +44,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 
-use crate::pool::{Pool, PoolError, Reservation};
+use crate::pool::{Pool, PoolError, Reservation, Reserver};
 use crate::units::{DataBlock, DevId, VirtBlock};
 
 use super::cache::Cached;
@@ -134,28 +137,16 @@ impl Shared {
         if let Some(got) = self.take_open(state, vbs) {
             return Ok(Some(got));
         }
-        let mut bases: Vec<u64> = Vec::with_capacity(MAX_BASES);
-        for u in first..first + PLACE_GROUP {
-            let Some(Cached::Mapped { block, .. }) = self.cache.get(dev, VirtBlock(u)) else {
-                continue;
-            };
-            let Some(base) = block.0.checked_sub(u - first) else {
-                continue;
-            };
-            if bases.contains(&base) {
-                continue;
-            }
+        let mut bases = 0;
+        for base in self.cached_bases(dev, first) {
             if let Some(rs) = reserve_slots(pool, base, first, vbs)? {
                 return Ok(Some(reserved_again(rs)));
             }
-            bases.push(base);
-            if bases.len() == MAX_BASES {
-                break;
-            }
+            bases += 1;
         }
         // Whether the tree says no block of the group is mapped.
         let mut empty = false;
-        if bases.is_empty() {
+        if bases == 0 {
             // Nothing of the group cached (after a restart, or evicted): ask the tree for
             // the group's first mapping, one descent.
             match pool.next_mapping(dev, VirtBlock(first))? {
@@ -210,6 +201,62 @@ impl Shared {
             }
         }
         Ok(None)
+    }
+
+    /// The bases (the data block of the group's first slot) that the cached mappings of the
+    /// group starting at virtual block `first` suggest: at most [`MAX_BASES`] distinct ones,
+    /// found lazily.
+    fn cached_bases(&self, dev: DevId, first: u64) -> impl Iterator<Item = u64> + '_ {
+        let mut seen: Vec<u64> = Vec::with_capacity(MAX_BASES);
+        (first..first + PLACE_GROUP)
+            .filter_map(move |u| match self.cache.get(dev, VirtBlock(u)) {
+                Some(Cached::Mapped { block, .. }) => block.0.checked_sub(u - first),
+                _ => None,
+            })
+            .filter(move |base| {
+                let new = !seen.contains(base);
+                if new {
+                    seen.push(*base);
+                }
+                new
+            })
+            .take(MAX_BASES)
+    }
+
+    /// The slots of `vbs` (ascending, unmapped) in the runs of their closed groups, reserved
+    /// with no pool lock (`Volume::plan_fresh_unlocked`): only slots their group gave back
+    /// unwritten, and nobody reserved since, qualify ([`Reserver::reserve_zeroed_at`]); they
+    /// need no space map lookup and no `SEEK_DATA`. All of them or none.
+    ///
+    /// On a volume with more groups than the pool keeps open, most fresh writes find their
+    /// group closed; planning them under the pool's read lock, against the inserts under its
+    /// write lock, cost a quarter of their CPU (docs/volume.md, "Fresh writes on large
+    /// volumes").
+    pub(super) fn place_zeroed(&self, dev: DevId, vbs: &[VirtBlock]) -> Option<Vec<Stashed>> {
+        let mut got: Vec<Stashed> = Vec::with_capacity(vbs.len());
+        let mut rest = vbs;
+        while let Some(v) = rest.first() {
+            let group = v.0 / PLACE_GROUP;
+            let n = rest
+                .iter()
+                .take_while(|v| v.0 / PLACE_GROUP == group)
+                .count();
+            let first = group * PLACE_GROUP;
+            let placed = self
+                .cached_bases(dev, first)
+                .find_map(|base| zeroed_slots(&self.reserver, base, first, &rest[..n]));
+            match placed {
+                Some(rs) => got.extend(rs.into_iter().map(|r| Stashed { r, hole: true })),
+                None => {
+                    for s in got {
+                        self.reserver.release_zeroed(s.r);
+                    }
+                    return None;
+                }
+            }
+            rest = &rest[n..];
+        }
+        Some(got)
     }
 
     /// The slots of `vbs` (ascending, distinct) from the device's open groups, if every one
@@ -303,6 +350,30 @@ fn reserved_again(rs: Vec<Reservation>) -> Vec<Stashed> {
             r,
         })
         .collect()
+}
+
+/// Reserves the slots of `vbs` (in the group starting at virtual block `first`) in the run
+/// starting at data block `base` if every one of them was given back zeroed
+/// ([`Reserver::reserve_zeroed_at`]): all of them, or none.
+fn zeroed_slots(
+    reserver: &Reserver,
+    base: u64,
+    first: u64,
+    vbs: &[VirtBlock],
+) -> Option<Vec<Reservation>> {
+    let mut got = Vec::with_capacity(vbs.len());
+    for v in vbs {
+        match reserver.reserve_zeroed_at(DataBlock(base + (v.0 - first))) {
+            Some(r) => got.push(r),
+            None => {
+                for r in got {
+                    reserver.release_zeroed(r);
+                }
+                return None;
+            }
+        }
+    }
+    Some(got)
 }
 
 /// Reserves the slots of `vbs` (in the group starting at virtual block `first`) in the run
