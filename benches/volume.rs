@@ -43,7 +43,7 @@
 //! cargo bench --bench volume -- [--dir DIR] [--size-gib 4] [--fresh-gib 32] [--ops 20000]
 //!                                [--cow-ops N] [--secs 3] [--slices 6] [--rounds 3]
 //!                                [--only fresh-4k,cow-4k,copy-4k,commit,...]
-//!                                [--cache writeback|direct]
+//!                                [--cache writeback|direct] [--cache-entries N]
 //! ```
 
 mod support;
@@ -242,6 +242,8 @@ struct Args {
     only: Vec<String>,
     /// The data file's cache mode, on both sides.
     cache: CacheMode,
+    /// The volume side's mapping cache (`uthin serve --mapping-cache-entries`).
+    cache_entries: usize,
 }
 
 fn parse_args() -> Args {
@@ -255,6 +257,7 @@ fn parse_args() -> Args {
         rounds: 3,
         only: Vec::new(),
         cache: CacheMode::Writeback,
+        cache_entries: DEFAULT_CACHE_ENTRIES,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -272,6 +275,7 @@ fn parse_args() -> Args {
                 Ordering::Relaxed,
             ),
             "--side" => SIDE.store(if val() == "plain" { 0 } else { 1 }, Ordering::Relaxed),
+            "--cache-entries" => a.cache_entries = val().parse().expect("--cache-entries N"),
             "--only" => a.only = val().split(',').map(str::to_string).collect(),
             "--cache" => {
                 a.cache = match val().as_str() {
@@ -450,7 +454,7 @@ fn main() {
                 },
             )
             .expect("pool");
-            VolumePool::open_with(pool, DEFAULT_CACHE_ENTRIES, args.cache).expect("volume pool")
+            VolumePool::open_with(pool, args.cache_entries, args.cache).expect("volume pool")
         };
         // rand, seq and the copies of cow-4k and copy-4k.
         let pool = new_pool("pool", args.size * 4);

@@ -171,6 +171,14 @@ fn errors_name_the_thing_and_exit_1() {
         "127.0.0.1:notaport",
     );
     fails(&pool, &["serve", "--cache", "none"], 2, "--cache");
+    for bad in ["10", "99999999999", "many"] {
+        fails(
+            &pool,
+            &["serve", "--mapping-cache-entries", bad],
+            2,
+            "--mapping-cache-entries",
+        );
+    }
     let nowhere = pool.with_file_name("nowhere");
     fails(&nowhere, &["list"], 1, "no pool");
     // --force really recreates.

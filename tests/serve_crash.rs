@@ -3,7 +3,8 @@
 //! is killed without warning; then `uthin check` and thin_check find the metadata clean, and
 //! after a restart every write acknowledged before a successful flush reads back (a write not
 //! covered by a flush may read as before or after). Three crash cycles, each starting from what
-//! the previous one verified; the second runs with `--cache direct`.
+//! the previous one verified; the second runs with `--cache direct`, the third with the
+//! smallest mapping cache (`--mapping-cache-entries 1024`).
 
 mod nbd_support;
 mod serve_support;
@@ -214,14 +215,23 @@ fn kill_9_under_a_flushing_load_loses_no_flushed_write() {
         .ok("thin_check after kill -9");
 
         // The middle cycle runs with `--cache direct` (O_DIRECT through io_uring), the others
-        // through the page cache; each restart also reads the other mode's data.
-        s.extra = if cycle == 0 {
-            vec!["--cache".into(), "direct".into()]
-        } else {
-            Vec::new()
+        // through the page cache; each restart also reads the other mode's data. The last
+        // runs with the smallest mapping cache `serve` accepts (the writers' 128 blocks fit
+        // in it; volume_model and volume_crash overflow small caches).
+        s.extra = match cycle {
+            0 => vec!["--cache".into(), "direct".into()],
+            1 => vec!["--mapping-cache-entries".into(), "1024".into()],
+            _ => Vec::new(),
         };
         s.start();
         s.assert_cache_mode(if cycle == 0 { "Direct" } else { "Writeback" });
+        if cycle == 1 {
+            assert!(
+                s.log().contains("mapping cache: 1024 entries"),
+                "serve did not take --mapping-cache-entries:\n{}",
+                s.log()
+            );
+        }
         models = (0..WRITERS)
             .map(|w| verify(&s.tcp, w, &models[w as usize]))
             .collect();

@@ -69,6 +69,8 @@ pub struct ServeOptions {
     pub num_queues: u16,
     /// How the data file uses the host's page cache.
     pub cache: CacheMode,
+    /// Entries of the volumes' mapping cache.
+    pub mapping_cache_entries: usize,
 }
 
 impl Default for ServeOptions {
@@ -78,6 +80,7 @@ impl Default for ServeOptions {
             vhost: Vec::new(),
             num_queues: DEFAULT_NUM_QUEUES,
             cache: CacheMode::default(),
+            mapping_cache_entries: DEFAULT_CACHE_ENTRIES,
         }
     }
 }
@@ -178,8 +181,12 @@ fn dir_missing_or_empty(dir: &Path) -> bool {
 
 async fn run(dir: &Path, opts: ServeOptions) -> Result<(), ServeError> {
     let pool = tokio::task::block_in_place(|| open_or_create(dir))?;
-    let volumes = VolumePool::open_with(pool, DEFAULT_CACHE_ENTRIES, opts.cache)?;
-    info!("data file cache mode: {:?}", volumes.data().cache_mode());
+    let volumes = VolumePool::open_with(pool, opts.mapping_cache_entries, opts.cache)?;
+    info!(
+        "data file cache mode: {:?}; mapping cache: {} entries",
+        volumes.data().cache_mode(),
+        opts.mapping_cache_entries
+    );
     let exports: Arc<Exports<Volume>> = Arc::new(Exports::new());
     let server = Arc::new(Server::new(Arc::clone(&exports)));
 

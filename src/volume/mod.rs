@@ -69,9 +69,17 @@ const LOCK_FREE_SYNC_PASSES: usize = 3;
 /// the operation to the blocking pool (`Shared::read_pool`).
 const QUICK_LOCK_WAIT: Duration = Duration::from_micros(50);
 
-/// Default bound of the mapping cache, in entries (about 64 bytes each with the map's
-/// overhead): 256 Ki entries cover 16 GiB of 64 KiB blocks in about 16 MiB.
+/// Default bound of the mapping cache, in entries (at most about 72 bytes each, `cache.rs`):
+/// 256 Ki entries cover 16 GiB of 64 KiB blocks in about 18 MiB.
 pub const DEFAULT_CACHE_ENTRIES: usize = 256 * 1024;
+
+/// The smallest mapping cache `uthin serve` accepts: one chunk per shard (`cache.rs` keeps
+/// that many whatever the bound).
+pub const MIN_CACHE_ENTRIES: usize = 1024;
+
+/// The largest mapping cache `uthin serve` accepts: 64 Mi entries (a 4 TiB volume of 64 KiB
+/// blocks, at most about 4.5 GiB of memory).
+pub const MAX_CACHE_ENTRIES: usize = 64 << 20;
 
 /// Most blocks one [`BlockDevice::block_status`] call looks at; the answer may be shorter
 /// than asked, as the API allows.
