@@ -938,7 +938,7 @@ impl Pool {
     /// Gives back an unused reservation whose block the caller knows reads as zeros (a hole
     /// when it was reserved, and not written since). The block's next reservation says so
     /// ([`Reservation::known_zeroed`]), which spares the data layer a hole check (docs/volume.md,
-    /// "Fresh writes").
+    /// "Known holes for closed groups").
     pub fn release_zeroed(&self, r: Reservation) {
         self.alloc.lock().release_zeroed(r);
     }

@@ -42,9 +42,10 @@
 //! (`Shared::take_blocks`).
 
 use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 
-use crate::pool::{Pool, PoolError, Reservation, Reserver};
+use crate::pool::{Pool, PoolError, Reservation};
 use crate::units::{DataBlock, DevId, VirtBlock};
 
 use super::cache::Cached;
@@ -101,14 +102,8 @@ impl Shared {
         vbs: &[VirtBlock],
     ) -> DevResult<Option<Vec<Stashed>>> {
         let mut got: Vec<Stashed> = Vec::with_capacity(vbs.len());
-        let mut rest = vbs;
-        while let Some(first) = rest.first() {
-            let group = first.0 / PLACE_GROUP;
-            let n = rest
-                .iter()
-                .take_while(|v| v.0 / PLACE_GROUP == group)
-                .count();
-            match self.place_group(pool, dev, state, group, &rest[..n]) {
+        for these in vbs.chunk_by(same_group) {
+            match self.place_group(pool, dev, state, group_of(these), these) {
                 Ok(Some(placed)) => got.extend(placed),
                 other => {
                     for s in got {
@@ -117,7 +112,6 @@ impl Shared {
                     return other.map(|_| None);
                 }
             }
-            rest = &rest[n..];
         }
         Ok(Some(got))
     }
@@ -225,28 +219,29 @@ impl Shared {
 
     /// The slots of `vbs` (ascending, unmapped) in the runs of their closed groups, reserved
     /// with no pool lock (`Volume::plan_fresh_unlocked`): only slots their group gave back
-    /// unwritten, and nobody reserved since, qualify ([`Reserver::reserve_zeroed_at`]); they
+    /// unwritten, and nobody reserved since, qualify (`Reserver::reserve_zeroed_at`); they
     /// need no space map lookup and no `SEEK_DATA`. All of them or none.
     ///
     /// On a volume with more groups than the pool keeps open, most fresh writes find their
     /// group closed; planning them under the pool's read lock, against the inserts under its
-    /// write lock, cost a quarter of their CPU (docs/volume.md, "Fresh writes on large
-    /// volumes").
+    /// write lock, was the largest cost they added (docs/volume.md, "Closed groups without
+    /// the pool's lock").
     pub(super) fn place_zeroed(&self, dev: DevId, vbs: &[VirtBlock]) -> Option<Vec<Stashed>> {
         let mut got: Vec<Stashed> = Vec::with_capacity(vbs.len());
-        let mut rest = vbs;
-        while let Some(v) = rest.first() {
-            let group = v.0 / PLACE_GROUP;
-            let n = rest
-                .iter()
-                .take_while(|v| v.0 / PLACE_GROUP == group)
-                .count();
-            let first = group * PLACE_GROUP;
-            let placed = self
-                .cached_bases(dev, first)
-                .find_map(|base| zeroed_slots(&self.reserver, base, first, &rest[..n]));
+        for these in vbs.chunk_by(same_group) {
+            let first = group_of(these) * PLACE_GROUP;
+            let placed = self.cached_bases(dev, first).find_map(|base| {
+                let Ok(rs) = slots_at(
+                    base,
+                    first,
+                    these,
+                    |b| Ok::<_, Infallible>(self.reserver.reserve_zeroed_at(b)),
+                    |r| self.reserver.release_zeroed(r),
+                );
+                rs
+            });
             match placed {
-                Some(rs) => got.extend(rs.into_iter().map(|r| Stashed { r, hole: true })),
+                Some(rs) => got.extend(reserved_again(rs)),
                 None => {
                     for s in got {
                         self.reserver.release_zeroed(s.r);
@@ -254,7 +249,6 @@ impl Shared {
                     return None;
                 }
             }
-            rest = &rest[n..];
         }
         Some(got)
     }
@@ -352,49 +346,52 @@ fn reserved_again(rs: Vec<Reservation>) -> Vec<Stashed> {
         .collect()
 }
 
-/// Reserves the slots of `vbs` (in the group starting at virtual block `first`) in the run
-/// starting at data block `base` if every one of them was given back zeroed
-/// ([`Reserver::reserve_zeroed_at`]): all of them, or none.
-fn zeroed_slots(
-    reserver: &Reserver,
-    base: u64,
-    first: u64,
-    vbs: &[VirtBlock],
-) -> Option<Vec<Reservation>> {
-    let mut got = Vec::with_capacity(vbs.len());
-    for v in vbs {
-        match reserver.reserve_zeroed_at(DataBlock(base + (v.0 - first))) {
-            Some(r) => got.push(r),
-            None => {
-                for r in got {
-                    reserver.release_zeroed(r);
-                }
-                return None;
-            }
-        }
-    }
-    Some(got)
+/// Whether two ascending virtual blocks fall into one placement group (`slice::chunk_by`).
+fn same_group(a: &VirtBlock, b: &VirtBlock) -> bool {
+    a.0 / PLACE_GROUP == b.0 / PLACE_GROUP
+}
+
+/// The placement group of `vbs`, a non-empty run of blocks of one group.
+fn group_of(vbs: &[VirtBlock]) -> u64 {
+    vbs.first().map_or(0, |v| v.0 / PLACE_GROUP)
 }
 
 /// Reserves the slots of `vbs` (in the group starting at virtual block `first`) in the run
-/// starting at data block `base`: all of them, or none.
+/// starting at data block `base` with `take`: all of them, or none (what was taken goes back
+/// with `give`).
+fn slots_at<E>(
+    base: u64,
+    first: u64,
+    vbs: &[VirtBlock],
+    mut take: impl FnMut(DataBlock) -> Result<Option<Reservation>, E>,
+    mut give: impl FnMut(Reservation),
+) -> Result<Option<Vec<Reservation>>, E> {
+    let mut got = Vec::with_capacity(vbs.len());
+    for v in vbs {
+        match take(DataBlock(base + (v.0 - first))) {
+            Ok(Some(r)) => got.push(r),
+            other => {
+                got.into_iter().for_each(&mut give);
+                return other.map(|_| None);
+            }
+        }
+    }
+    Ok(Some(got))
+}
+
+/// [`slots_at`] under the pool's lock: any usable block (`Pool::reserve_data_block_at`).
 fn reserve_slots(
     pool: &Pool,
     base: u64,
     first: u64,
     vbs: &[VirtBlock],
 ) -> DevResult<Option<Vec<Reservation>>> {
-    let mut got = Vec::with_capacity(vbs.len());
-    for v in vbs {
-        match pool.reserve_data_block_at(DataBlock(base + (v.0 - first))) {
-            Ok(Some(r)) => got.push(r),
-            other => {
-                for r in got {
-                    pool.release_reservation(r);
-                }
-                return other.map(|_| None).map_err(Into::into);
-            }
-        }
-    }
-    Ok(Some(got))
+    slots_at(
+        base,
+        first,
+        vbs,
+        |b| pool.reserve_data_block_at(b),
+        |r| pool.release_reservation(r),
+    )
+    .map_err(Into::into)
 }
