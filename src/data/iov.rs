@@ -14,6 +14,7 @@ use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 use smallvec::SmallVec;
@@ -268,13 +269,23 @@ pub(crate) fn offload<'a>(file: &Arc<File>, iov: Iovecs<'a>, off: u64) -> Offloa
     fut
 }
 
+/// How long at most a writer thread that found the queue empty keeps looking for a new write
+/// before it ends its turn; never longer than it has spent running writes in this turn, so
+/// an occasional write costs at most twice its own time. Ending a turn at once made the next
+/// write start a new one: a blocking-pool thread woken for it and put back to sleep after it.
+/// Once requests came a little slower than the writers ran them, that was a wake-up every few
+/// writes, and the wake-ups slowed the requests further: fresh 4 KiB writes on a large volume
+/// ran at half speed or full speed for seconds at a time (docs/io-engines.md, "Writer threads
+/// that linger").
+const LINGER: Duration = Duration::from_micros(50);
+
 /// Most threads running one file's queued writes at a time. Buffered writes to one regular
 /// file hold its inode lock for the whole syscall (ext4, XFS), so more writers only spin on
 /// that lock; two keep one write ready while the other is in the kernel.
 const MAX_WRITERS: usize = 2;
 
 /// A file's buffered writes, run by at most [`MAX_WRITERS`] threads of tokio's blocking pool
-/// that each take queued writes until none are left.
+/// that each take queued writes until none are left (and none came for a moment, [`LINGER`]).
 ///
 /// Handing each write to its own pool thread (`offload`) woke an idle thread per write; with
 /// writes queued, a writer that is already running takes the next one without a wake-up, so
@@ -343,14 +354,28 @@ struct Writer(Arc<WriteQueue>);
 
 impl Drop for Writer {
     fn drop(&mut self) {
+        // Time spent running jobs this turn, and when the queue was last found empty.
+        let mut busy = Duration::ZERO;
+        let mut idle_since = None;
         loop {
             let mut s = self.0.state.lock();
-            let Some(job) = s.jobs.pop_front() else {
+            if let Some(job) = s.jobs.pop_front() {
+                drop(s);
+                let t0 = Instant::now();
+                job();
+                busy += t0.elapsed();
+                idle_since = None;
+                continue;
+            }
+            let since = *idle_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= busy.min(LINGER) {
                 s.writers -= 1;
                 return;
-            };
+            }
             drop(s);
-            job();
+            // Lets a runnable thread of this CPU (a runtime worker queueing the next write)
+            // go first; the writer stays runnable, so that write needs no wake-up.
+            std::thread::yield_now();
         }
     }
 }
