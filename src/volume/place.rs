@@ -45,6 +45,8 @@ use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 
+use smallvec::SmallVec;
+
 use crate::pool::{Pool, PoolError, Reservation};
 use crate::units::{DataBlock, DevId, VirtBlock};
 
@@ -199,9 +201,10 @@ impl Shared {
 
     /// The bases (the data block of the group's first slot) that the cached mappings of the
     /// group starting at virtual block `first` suggest: at most [`MAX_BASES`] distinct ones,
-    /// found lazily.
+    /// found lazily. Called for every write into a closed group, so the bases seen so far
+    /// are kept inline (no allocation).
     fn cached_bases(&self, dev: DevId, first: u64) -> impl Iterator<Item = u64> + '_ {
-        let mut seen: Vec<u64> = Vec::with_capacity(MAX_BASES);
+        let mut seen: SmallVec<[u64; MAX_BASES]> = SmallVec::new();
         (first..first + PLACE_GROUP)
             .filter_map(move |u| match self.cache.get(dev, VirtBlock(u)) {
                 Some(Cached::Mapped { block, .. }) => block.0.checked_sub(u - first),
