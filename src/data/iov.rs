@@ -271,7 +271,7 @@ pub(crate) fn offload<'a>(file: &Arc<File>, iov: Iovecs<'a>, off: u64) -> Offloa
 
 /// How long at most a writer thread that found the queue empty keeps looking for a new write
 /// before it ends its turn; never longer than it has spent running writes in this turn, and
-/// only while writes come in a stream ([`QueueState::linger`]). Ending a turn at once made the
+/// only while writes come in a stream ([`QueueState::lingers_left`]). Ending a turn at once made the
 /// next write start a new one: a blocking-pool thread woken for it and put back to sleep
 /// after it. Once requests came a little slower than the writers ran them, that was a wake-up
 /// every few writes, and the wake-ups slowed the requests further: fresh 4 KiB writes on a
@@ -302,14 +302,13 @@ struct QueueState {
     writers: usize,
     /// When the last writer to end its turn (leaving none) found the queue empty.
     emptied: Option<Instant>,
-    /// Whether writers linger ([`LINGER`]). Set when a write that had to start a writer came
-    /// within `LINGER` of the queue going empty, so that lingering would have caught it;
-    /// cleared after [`FUTILE_LINGERS`] lingers in a row caught nothing. At a steady moderate
-    /// rate (one write a millisecond) every turn would otherwise spin for `LINGER` in vain:
-    /// 17–42 % more CPU per write (docs/io-engines.md).
-    linger: bool,
-    /// Lingers in a row that ran out without a write coming.
-    futile: u32,
+    /// Lingers ([`LINGER`]) that may still run out in a row before writers stop lingering; 0:
+    /// writers do not linger. Set to [`FUTILE_LINGERS`] when a write that had to start a
+    /// writer came within `LINGER` of the queue going empty, so that lingering would have
+    /// caught it, and whenever a linger catches a write. At a steady moderate rate (one write
+    /// a millisecond) every turn would otherwise spin for `LINGER` in vain: 17–42 % more CPU
+    /// per write (docs/io-engines.md).
+    lingers_left: u32,
 }
 
 /// Lingers in a row that catch no write before writers stop lingering. One is not enough: a
@@ -319,14 +318,18 @@ struct QueueState {
 const FUTILE_LINGERS: u32 = 2;
 
 impl QueueState {
+    /// Whether writers linger when they find the queue empty.
+    fn lingering(&self) -> bool {
+        self.lingers_left > 0
+    }
+
     /// Counts in a new writer if `jobs` needs one, deciding whether writers linger when it is
     /// the only one; returns whether to start it.
     fn start_writer(&mut self) -> bool {
         let start =
             self.writers == 0 || (self.writers < MAX_WRITERS && self.jobs.len() > self.writers);
         if start && self.writers == 0 && self.emptied.is_some_and(|t| t.elapsed() <= LINGER) {
-            self.linger = true;
-            self.futile = 0;
+            self.lingers_left = FUTILE_LINGERS;
         }
         self.writers += usize::from(start);
         start
@@ -389,7 +392,7 @@ impl Drop for Writer {
             let mut s = self.0.state.lock();
             if let Some(job) = s.jobs.pop_front() {
                 if idle_since.is_some() {
-                    s.futile = 0;
+                    s.lingers_left = FUTILE_LINGERS;
                 }
                 drop(s);
                 let t0 = Instant::now();
@@ -399,10 +402,9 @@ impl Drop for Writer {
                 continue;
             }
             let since = *idle_since.get_or_insert_with(Instant::now);
-            if !s.linger || since.elapsed() >= busy.min(LINGER) {
-                if s.linger && !busy.is_zero() {
-                    s.futile += 1;
-                    s.linger = s.futile < FUTILE_LINGERS;
+            if !s.lingering() || since.elapsed() >= busy.min(LINGER) {
+                if s.lingering() && !busy.is_zero() {
+                    s.lingers_left -= 1;
                 }
                 s.writers -= 1;
                 if s.writers == 0 {
@@ -552,17 +554,17 @@ mod tests {
     fn writers_start_lingering_for_writes_in_a_stream() {
         let mut s = QueueState::default();
         assert!(s.start_writer());
-        assert!(!s.linger, "the first write of all");
+        assert!(!s.lingering(), "the first write of all");
         s.writers = 0;
-        s.futile = 1;
+        s.lingers_left = 1;
         s.emptied = Some(Instant::now() + Duration::from_secs(1));
         assert!(s.start_writer());
-        assert!(s.linger, "a write right after the queue went empty");
-        assert_eq!(s.futile, 0);
+        assert!(s.lingering(), "a write right after the queue went empty");
+        assert_eq!(s.lingers_left, FUTILE_LINGERS);
         s.writers = 0;
         s.emptied = Some(Instant::now() - 20 * LINGER);
         assert!(s.start_writer());
-        assert!(s.linger, "one long gap does not stop the lingering");
+        assert!(s.lingering(), "one long gap does not stop the lingering");
         assert!(
             !s.start_writer(),
             "one writer and nothing queued behind its job"
@@ -576,7 +578,7 @@ mod tests {
         crate::data::tests::with_time_limit("futile lingers", || {
             let f = Arc::new(tempfile::tempfile().unwrap());
             let q = Arc::new(WriteQueue::default());
-            q.state.lock().linger = true;
+            q.state.lock().lingers_left = FUTILE_LINGERS;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_time()
@@ -593,8 +595,16 @@ mod tests {
                         tokio::time::sleep(Duration::from_millis(1)).await;
                     }
                     let s = q.state.lock();
-                    assert_eq!(s.futile, n, "lingers that caught nothing");
-                    assert_eq!(s.linger, n < FUTILE_LINGERS, "after {n} futile lingers");
+                    assert_eq!(
+                        FUTILE_LINGERS - s.lingers_left,
+                        n,
+                        "lingers that caught nothing"
+                    );
+                    assert_eq!(
+                        s.lingering(),
+                        n < FUTILE_LINGERS,
+                        "after {n} futile lingers"
+                    );
                 }
             });
         });
