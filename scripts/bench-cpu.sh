@@ -61,19 +61,13 @@ RESULTS=$DIR/results.txt
 : >"$RESULTS"
 PORT=10970
 EXPORT=bench
-SERVER_PID=""
 TICK=$(getconf CLK_TCK)
+# shellcheck source=scripts/nbd-server-lib.sh
+. scripts/nbd-server-lib.sh
 
 echo "bench-cpu: building" >&2
 cargo build --release --quiet --bin uthin
 
-stop_server() {
-    if [ -n "$SERVER_PID" ]; then
-        kill -TERM "$SERVER_PID" 2>/dev/null || true
-        wait "$SERVER_PID" 2>/dev/null || true
-        SERVER_PID=""
-    fi
-}
 trap stop_server EXIT
 
 # CPU ticks (user + system) of $SERVER_PID and the context switches of its live threads.
@@ -108,12 +102,7 @@ start_target() {
         SERVER_PID=$!
         ;;
     esac
-    for _ in $(seq 1 200); do
-        nbdinfo --size "nbd://127.0.0.1:$PORT/$EXPORT" >/dev/null 2>&1 && return 0
-        sleep 0.05
-    done
-    echo "bench-cpu: $t did not come up on port $PORT" >&2
-    exit 1
+    wait_for_server "nbd://127.0.0.1:$PORT/$EXPORT" || exit 1
 }
 
 for round in $(seq 1 "$ROUNDS"); do

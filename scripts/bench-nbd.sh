@@ -64,29 +64,14 @@ done
 mkdir -p "$DIR/results"
 PORT=10950
 EXPORT=bench
-SERVER_PID=""
+# shellcheck source=scripts/nbd-server-lib.sh
+. scripts/nbd-server-lib.sh
 
 echo "bench-nbd: building" >&2
 cargo build --release --quiet --example nbd_mem_server --bin uthin
 MEM_SERVER=target/release/examples/nbd_mem_server
 UTHIN=target/release/uthin
 
-wait_for_server() { # wait_for_server URI
-    for _ in $(seq 1 200); do
-        nbdinfo --size "$1" >/dev/null 2>&1 && return 0
-        sleep 0.05
-    done
-    echo "bench-nbd: server at $1 did not come up" >&2
-    return 1
-}
-
-stop_server() {
-    if [ -n "$SERVER_PID" ]; then
-        kill -TERM "$SERVER_PID" 2>/dev/null || true
-        wait "$SERVER_PID" 2>/dev/null || true
-        SERVER_PID=""
-    fi
-}
 trap stop_server EXIT
 
 # start_target TARGET: fresh storage, server in the background, export $EXPORT on $PORT.
