@@ -179,6 +179,9 @@ fn errors_name_the_thing_and_exit_1() {
             "--mapping-cache-entries",
         );
     }
+    for bad in ["0", "257", "some"] {
+        fails(&pool, &["serve", "--threads", bad], 2, "--threads");
+    }
     let nowhere = pool.with_file_name("nowhere");
     fails(&nowhere, &["list"], 1, "no pool");
     // --force really recreates.

@@ -443,6 +443,20 @@ macro_rules! against_both_servers {
     };
 }
 
+/// `serve --threads 1`: one worker thread for every connection, commit and control request
+/// still serves every client (the log says how many it runs).
+#[test]
+fn serve_with_one_worker_thread() {
+    let s = ServeProcess::start_fresh_with(&["--threads", "1"]);
+    assert!(
+        s.log().contains("worker threads: 1\n"),
+        "no `worker threads: 1` in the log:\n{}",
+        s.log()
+    );
+    qemu_io_patterns_over_tcp_and_unix(&s);
+    fio_nbd_engine_verifies_random_and_sequential_io(&s);
+}
+
 against_both_servers!(
     qemu_io_patterns_over_tcp_and_unix,
     qemu_img_info_convert_and_compare,

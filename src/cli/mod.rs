@@ -180,6 +180,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_CACHE_ENTRIES as u64,
           value_parser = clap::value_parser!(u64).range(MIN_CACHE_ENTRIES as u64..=MAX_CACHE_ENTRIES as u64))]
     pub mapping_cache_entries: u64,
+    /// Worker threads for the NBD connections, the commits and the control socket (1-256;
+    /// default one per core). Fewer cost less CPU per request at moderate rates, where every
+    /// request otherwise wakes several threads; more serve more at once (docs/nbd.md,
+    /// "Worker threads"). vhost-user-blk queues have threads of their own (--num-queues).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub threads: Option<u16>,
 }
 
 /// `uthin serve --cache` values.
@@ -369,6 +375,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
                     cache: args.cache.into(),
                     // In range (the parser's bounds), so it fits usize.
                     mapping_cache_entries: args.mapping_cache_entries as usize,
+                    threads: args.threads.map(usize::from),
                 },
             )?;
             return Ok(ExitCode::SUCCESS);

@@ -71,6 +71,9 @@ pub struct ServeOptions {
     pub cache: CacheMode,
     /// Entries of the volumes' mapping cache.
     pub mapping_cache_entries: usize,
+    /// Worker threads of the runtime that runs the NBD connections, the commits and the
+    /// control socket; `None`: tokio's default (one per core, or `TOKIO_WORKER_THREADS`).
+    pub threads: Option<usize>,
 }
 
 impl Default for ServeOptions {
@@ -81,6 +84,7 @@ impl Default for ServeOptions {
             num_queues: DEFAULT_NUM_QUEUES,
             cache: CacheMode::default(),
             mapping_cache_entries: DEFAULT_CACHE_ENTRIES,
+            threads: None,
         }
     }
 }
@@ -127,7 +131,11 @@ pub enum ServeError {
 
 /// Runs `uthin serve` on the pool in `dir` until SIGTERM or SIGINT.
 pub fn serve(dir: &Path, opts: ServeOptions) -> Result<(), ServeError> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = opts.threads {
+        builder.worker_threads(n);
+    }
+    let rt = builder
         .enable_all()
         .thread_name("uthin-serve")
         .build()
@@ -183,9 +191,10 @@ async fn run(dir: &Path, opts: ServeOptions) -> Result<(), ServeError> {
     let pool = tokio::task::block_in_place(|| open_or_create(dir))?;
     let volumes = VolumePool::open_with(pool, opts.mapping_cache_entries, opts.cache)?;
     info!(
-        "data file cache mode: {:?}; mapping cache: {} entries",
+        "data file cache mode: {:?}; mapping cache: {} entries; worker threads: {}",
         volumes.data().cache_mode(),
-        opts.mapping_cache_entries
+        opts.mapping_cache_entries,
+        tokio::runtime::Handle::current().metrics().num_workers()
     );
     let exports: Arc<Exports<Volume>> = Arc::new(Exports::new());
     let server = Arc::new(Server::new(Arc::clone(&exports)));
