@@ -10,6 +10,8 @@
 #   TARGET: uthin        `uthin serve` (target/release/uthin) on a fresh pool, page cache
 #           uthin=PATH   the same with another uthin binary (an A/B of two builds; the label
 #                        printed is uthin=PATH)
+#           uthin+ARGS   `uthin serve ARGS` with this tree's binary, ARGS split at commas
+#                        (e.g. uthin+--threads=1: an A/B of two settings)
 #           qemu-raw     qemu-nbd on a sparse raw file (page cache, its default)
 #   default targets: uthin qemu-raw
 #   -r ROUNDS   repetitions (default 2); every target at every rate each round
@@ -34,7 +36,7 @@ while getopts "r:t:R:d:h" opt; do
     t) RUNTIME=$OPTARG ;;
     R) RATES=$OPTARG ;;
     d) DIR=$OPTARG ;;
-    *) sed -n '2,24p' "$0"; exit 2 ;;
+    *) sed -n '2,26p' "$0"; exit 2 ;;
     esac
 done
 shift $((OPTIND - 1))
@@ -48,7 +50,8 @@ for t in "${TARGETS[@]}"; do
     case $t in
     uthin | qemu-raw) ;;
     uthin=*) [ -x "${t#uthin=}" ] || { echo "bench-cpu: ${t#uthin=} is not an executable" >&2; exit 2; } ;;
-    *) echo "bench-cpu: unknown target $t (uthin, uthin=PATH, qemu-raw)" >&2; exit 2 ;;
+    uthin+?*) ;;
+    *) echo "bench-cpu: unknown target $t (uthin, uthin=PATH, uthin+ARGS, qemu-raw)" >&2; exit 2 ;;
     esac
 done
 IFS=, read -r -a RATE_LIST <<<"$RATES"
@@ -94,15 +97,19 @@ start_target() {
         ;;
     *)
         bin=target/release/uthin
-        [ "$t" = uthin ] || bin=${t#uthin=}
+        extra=()
+        case $t in
+        uthin=*) bin=${t#uthin=} ;;
+        uthin+*) IFS=, read -r -a extra <<<"${t#uthin+}" ;;
+        esac
         "$bin" --pool "$DIR/store/pool" pool create --data-size 16G --block-size 64K >/dev/null
         "$bin" --pool "$DIR/store/pool" create "$EXPORT" --size 4G >/dev/null
-        "$bin" --pool "$DIR/store/pool" serve --nbd "127.0.0.1:$PORT" \
+        "$bin" --pool "$DIR/store/pool" serve --nbd "127.0.0.1:$PORT" "${extra[@]}" \
             >"$DIR/store/server.log" 2>&1 &
         SERVER_PID=$!
         ;;
     esac
-    wait_for_server "nbd://127.0.0.1:$PORT/$EXPORT" || exit 1
+    wait_for_server "nbd://127.0.0.1:$PORT/$EXPORT" "$DIR/store/server.log" || exit 1
 }
 
 for round in $(seq 1 "$ROUNDS"); do

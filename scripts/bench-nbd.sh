@@ -121,7 +121,7 @@ start_target() {
         exit 2
         ;;
     esac
-    wait_for_server "nbd://127.0.0.1:$PORT/$EXPORT"
+    wait_for_server "nbd://127.0.0.1:$PORT/$EXPORT" "$DIR/store/server.log"
 }
 
 # run_fio TARGET ROUND WORKLOAD EXPORT fio-args...
@@ -150,7 +150,7 @@ cow_workload() {
         qemu-nbd -f qcow2 -x "$EXPORT" -b 127.0.0.1 -p "$PORT" -t -e 8 \
             "$DIR/store/overlay.qcow2" >>"$DIR/store/server.log" 2>&1 &
         SERVER_PID=$!
-        wait_for_server "nbd://127.0.0.1:$PORT/$EXPORT"
+        wait_for_server "nbd://127.0.0.1:$PORT/$EXPORT" "$DIR/store/server.log"
         run_fio "$t" "$round" cow-randwrite "$EXPORT" --rw=randwrite --bs=4k \
             --runtime="$RUNTIME" --time_based
         ;;
@@ -197,7 +197,7 @@ chain_workload() {
             qemu-nbd -f qcow2 -x "$EXPORT" -b 127.0.0.1 -p "$PORT" -t -e 8 \
                 "$DIR/store/chain$layer.qcow2" >>"$DIR/store/server.log" 2>&1 &
             SERVER_PID=$!
-            wait_for_server "nbd://127.0.0.1:$PORT/$EXPORT"
+            wait_for_server "nbd://127.0.0.1:$PORT/$EXPORT" "$DIR/store/server.log"
             local name=chain-read-1st
             [ "$layer" = 1 ] || name=chain-read-64th
             run_fio "$t" "$round" "$name" "$EXPORT" --rw=randread --bs=4k \
