@@ -350,10 +350,8 @@ impl WriteQueue {
         iov: Iovecs<'a>,
         off: u64,
     ) -> Offloaded<'a> {
-        let len = iov.remaining();
-        let (job, fut) = prepare(file, iov, off);
-        self.push(job, len);
-        fut
+        let file = file.clone();
+        self.offload_with(iov, move |iov| iov.transfer_all(file.as_raw_fd(), off))
     }
 
     /// Queues `work(iov)` like a write: for a step that must run right before the transfer
