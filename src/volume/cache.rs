@@ -59,10 +59,11 @@
 //! # Bounds
 //!
 //! Each shard holds at most its share of `capacity` entries, and at most its share of
-//! `capacity / 8` chunks (so memory stays below about 41 bytes per entry of capacity, however
-//! sparsely the blocks fall: a chunk is 296 bytes, and the index table, allocated whole when
-//! the cache is made, takes 16 to 32 bytes per chunk of the bound; a map of single entries
-//! took about 64 bytes per entry).
+//! `capacity / 8` chunks (so memory stays below about 55 bytes per entry of capacity, however
+//! sparsely the blocks fall: a chunk is 296 bytes, the index table, allocated whole when the
+//! cache is made, takes 16 to 32 bytes per chunk of the bound, and the writers' map about 100
+//! more; 256 Ki entries put one per chunk measured 13.7 MiB. A map of single entries took
+//! about 64 bytes per entry, dense or not).
 //! When either bound is passed, an arbitrary eighth of the shard's other chunks is dropped.
 //! One chunk always fits, so the cache holds at most `max(capacity, SHARDS * CHUNK)` entries.
 

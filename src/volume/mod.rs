@@ -69,8 +69,8 @@ const LOCK_FREE_SYNC_PASSES: usize = 3;
 /// the operation to the blocking pool (`Shared::read_pool`).
 const QUICK_LOCK_WAIT: Duration = Duration::from_micros(50);
 
-/// Default bound of the mapping cache, in entries (at most about 41 bytes each, `cache.rs`):
-/// 256 Ki entries cover 16 GiB of 64 KiB blocks in about 10 MiB.
+/// Default bound of the mapping cache, in entries (at most about 55 bytes each, `cache.rs`):
+/// 256 Ki entries cover 16 GiB of 64 KiB blocks in about 14 MiB.
 pub const DEFAULT_CACHE_ENTRIES: usize = 256 * 1024;
 
 /// The smallest mapping cache `uthin serve` accepts: one chunk per shard (`cache.rs` keeps
