@@ -23,7 +23,8 @@
 //! (cached 4 KiB reads, docs/volume.md "Cached reads").
 //!
 //! A slot holds 30 bits of block: a chunk's blocks lie in one window of 2^30 blocks (64 TiB
-//! of 64 KiB blocks) starting at `base`, chosen by the chunk's first mapped entry. A block
+//! of 64 KiB blocks) starting at `base`: the window of the entry that claims the chunk (window
+//! 0 when that entry is "unmapped"), kept until the chunk is given up. A block
 //! outside its chunk's window is not cached (its lookups walk the tree); in a pool of fewer
 //! than 2^30 data blocks every `base` is 0.
 //!
@@ -846,8 +847,8 @@ mod tests {
         assert!(c.len() <= SHARDS * CHUNK as usize);
     }
 
-    /// A chunk keeps the window of its first mapped block: blocks far above 2^30 are cached
-    /// exactly, blocks of another window not at all.
+    /// A chunk keeps the window of the entry that claimed it: blocks far above 2^30 are
+    /// cached exactly, blocks of another window not at all.
     #[test]
     fn a_chunk_caches_the_window_of_its_first_block() {
         let c = MappingCache::new(1024);
