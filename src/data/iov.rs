@@ -216,11 +216,20 @@ pub(crate) struct Offloaded<'a, T = ()> {
 /// One transfer to run on another thread, and what reports its end.
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
+/// The work of a plain transfer, `iov.transfer_all(file, off)`, keeping the file open until
+/// it has run.
+fn transfer_at(
+    file: &Arc<File>,
+    off: u64,
+) -> impl FnOnce(&mut Iovecs<'static>) -> io::Result<()> + Send + 'static {
+    let file = file.clone();
+    move |iov| iov.transfer_all(file.as_raw_fd(), off)
+}
+
 /// Packs `iov.transfer_all(file, off)` as a job for another thread, and the future that waits
 /// for it.
 fn prepare<'a>(file: &Arc<File>, iov: Iovecs<'a>, off: u64) -> (Job, Offloaded<'a>) {
-    let file = file.clone();
-    prepare_with(iov, move |iov| iov.transfer_all(file.as_raw_fd(), off))
+    prepare_with(iov, transfer_at(file, off))
 }
 
 /// Packs `work(iov)` as a job for another thread, and the future that waits for its result.
@@ -350,8 +359,7 @@ impl WriteQueue {
         iov: Iovecs<'a>,
         off: u64,
     ) -> Offloaded<'a> {
-        let file = file.clone();
-        self.offload_with(iov, move |iov| iov.transfer_all(file.as_raw_fd(), off))
+        self.offload_with(iov, transfer_at(file, off))
     }
 
     /// Queues `work(iov)` like a write: for a step that must run right before the transfer
