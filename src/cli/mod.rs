@@ -174,8 +174,8 @@ pub struct ServeArgs {
     #[arg(long, value_enum, default_value_t = CacheArg::Writeback)]
     pub cache: CacheArg,
     /// Entries of the mapping cache shared by every volume (one per data block of a volume;
-    /// at most about 55 bytes each). The default, 262144, covers 16 GiB of 64 KiB blocks in
-    /// about 14 MiB; give more to volumes written at random over a larger range, as
+    /// at most about 59 bytes each). The default, 262144, covers 16 GiB of 64 KiB blocks in
+    /// about 15 MiB; give more to volumes written at random over a larger range, as
     /// qcow2's l2-cache-size (docs/volume.md, "Mapping cache").
     #[arg(long, value_name = "N", default_value_t = DEFAULT_CACHE_ENTRIES as u64,
           value_parser = clap::value_parser!(u64).range(MIN_CACHE_ENTRIES as u64..=MAX_CACHE_ENTRIES as u64))]

@@ -40,6 +40,7 @@ mod inflight;
 mod pieces;
 mod place;
 mod sharing;
+mod summary;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{IoSlice, IoSliceMut};
@@ -69,8 +70,8 @@ const LOCK_FREE_SYNC_PASSES: usize = 3;
 /// the operation to the blocking pool (`Shared::read_pool`).
 const QUICK_LOCK_WAIT: Duration = Duration::from_micros(50);
 
-/// Default bound of the mapping cache, in entries (at most about 55 bytes each, `cache.rs`):
-/// 256 Ki entries cover 16 GiB of 64 KiB blocks in about 14 MiB.
+/// Default bound of the mapping cache, in entries (at most about 59 bytes each, `cache.rs`):
+/// 256 Ki entries cover 16 GiB of 64 KiB blocks in about 15 MiB.
 pub const DEFAULT_CACHE_ENTRIES: usize = 256 * 1024;
 
 /// The smallest mapping cache `uthin serve` accepts: one chunk per shard (`cache.rs` keeps
@@ -1074,6 +1075,9 @@ impl Volume {
         let len = iov_len(bufs);
         let _io = sh.grace.enter();
         if let Some(p) = single_piece(offset, len, bs) {
+            if let Some(block) = sh.cache.mapped(self.dev, p.vblock) {
+                return sh.data.read(block, p.offset, bufs).await.map_err(io_err);
+            }
             return match sh.mapping(self.dev, &self.state, p.vblock).await? {
                 Cached::Unmapped => {
                     bufs.iter_mut().for_each(|b| b.fill(0));
