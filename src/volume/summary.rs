@@ -140,6 +140,13 @@ impl Summaries {
         None
     }
 
+    /// The page of the place holding `key`, if any (for writers, under a shard lock).
+    fn page(&self, key: u64) -> Option<&Page> {
+        self.find(key)
+            .and_then(|p| self.pages[p].get())
+            .map(|b| &**b)
+    }
+
     /// The data block `v` of `dev` maps to, if its group's word says so. Takes no lock.
     pub(super) fn get(&self, dev: DevId, v: VirtBlock) -> Option<DataBlock> {
         let (key, group, i) = Self::key(dev, v)?;
@@ -236,7 +243,7 @@ impl Summaries {
         let Some((key, group, i)) = Self::key(dev, v) else {
             return;
         };
-        let Some(page) = self.find(key).and_then(|p| self.pages[p].get()) else {
+        let Some(page) = self.page(key) else {
             return;
         };
         let word = &page.words[(group % PAGE_GROUPS) as usize];
@@ -253,7 +260,7 @@ impl Summaries {
         let Some((key, group, _)) = Self::key(dev, first) else {
             return;
         };
-        let Some(page) = self.find(key).and_then(|p| self.pages[p].get()) else {
+        let Some(page) = self.page(key) else {
             return;
         };
         // A chunk's groups lie in one page: pages hold a whole number of chunks.
