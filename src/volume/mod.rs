@@ -1424,15 +1424,24 @@ impl Volume {
                 let block = r.block();
                 match pool.insert_mapping(dev, v, r) {
                     Ok(replaced) => {
-                        if let Some(o) = replaced {
-                            sh.less_shared.lock().note(o);
-                        }
+                        // What the cache says here must be what a lookup would say: a write
+                        // that finds the block "owned alone" in the cache writes it in place
+                        // with no in-flight slot, so a concurrent write that looked it up as
+                        // shared and copied it would lose that write.
+                        let exclusive = {
+                            let mut less = sh.less_shared.lock();
+                            if let Some(o) = replaced {
+                                less.note(o);
+                            }
+                            less.mapped_fresh(block);
+                            less.trusts(block)
+                        };
                         sh.cache.put(
                             dev,
                             v,
                             Cached::Mapped {
                                 block,
-                                exclusive: true,
+                                exclusive,
                                 epoch: state.snap_epoch.load(Ordering::Acquire),
                             },
                         );

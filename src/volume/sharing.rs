@@ -50,6 +50,14 @@ impl LessShared {
         self.blocks.insert(block);
     }
 
+    /// `block`, a reservation (free in both the committed and the current space map), is
+    /// mapped now. References it lost earlier in the open transaction (a volume wrote it,
+    /// then discarded it) were not in the last commit, which has it free: no device can come
+    /// back mapping it after a crash, so it is owned alone like any fresh block.
+    pub(crate) fn mapped_fresh(&mut self, block: DataBlock) {
+        self.blocks.remove(&block);
+    }
+
     /// Some unknown blocks lost references: trust no lookup until the next commit.
     pub(crate) fn distrust_all(&mut self) {
         self.overflowed = true;
@@ -81,6 +89,18 @@ impl LessShared {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fresh_mapping_is_trusted_again_unless_overflowed() {
+        let mut s = LessShared::default();
+        s.note(DataBlock(3));
+        assert!(!s.trusts(DataBlock(3)));
+        s.mapped_fresh(DataBlock(3));
+        assert!(s.trusts(DataBlock(3)));
+        s.distrust_all();
+        s.mapped_fresh(DataBlock(3));
+        assert!(!s.trusts(DataBlock(3)));
+    }
 
     #[test]
     fn remembers_until_commit_and_overflows_to_distrust() {
