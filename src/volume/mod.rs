@@ -1213,9 +1213,9 @@ impl Volume {
 
     /// The plan of a round from one trip under the pool's read lock: look every block up
     /// (the cache may say "shared" when the sharer has gone, so ask the pool for every block
-    /// the cache does not say is unmapped; its "unmapped" is trusted as in
-    /// [`plan_fresh_unlocked`](Volume::plan_fresh_unlocked)), decide, and reserve what is
-    /// needed.
+    /// the cache does not say is unmapped or owned alone; its "unmapped" is trusted as in
+    /// [`plan_fresh_unlocked`](Volume::plan_fresh_unlocked), its "owned alone" as on the
+    /// fast path), decide, and reserve what is needed.
     async fn plan_locked(&self, vbs: Vec<VirtBlock>) -> DevResult<RoundPlan> {
         let (dev, state, me) = (self.dev, self.state.clone(), self.shared.clone());
         self.shared
@@ -1227,6 +1227,16 @@ impl Volume {
                 for v in vbs {
                     let c = match sh.cache.get(dev, v) {
                         Some(Cached::Unmapped) => Cached::Unmapped,
+                        // Owned alone in this epoch: the fast path writes such a block in
+                        // place with no in-flight slot, so this round must not copy it (after
+                        // an overflow of `LessShared` a lookup would say "shared").
+                        Some(
+                            c @ Cached::Mapped {
+                                exclusive: true,
+                                epoch: e,
+                                ..
+                            },
+                        ) if e == epoch => c,
                         _ => {
                             let c = sh.lookup_locked(pool, dev, &state, v)?;
                             sh.cache.put(dev, v, c);
