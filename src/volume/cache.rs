@@ -269,9 +269,10 @@ impl Chunk {
 
     /// The data block slot `i` holds as mapped, if it does (shard lock held).
     fn mapped(&self, i: usize) -> Option<DataBlock> {
-        let raw = self.slots[i].load(Ordering::Relaxed);
-        (raw & MAPPED != 0)
-            .then(|| DataBlock(self.base.load(Ordering::Relaxed) + u64::from(raw >> 2)))
+        match self.read(i)? {
+            Cached::Mapped { block, .. } => Some(block),
+            Cached::Unmapped => None,
+        }
     }
 
     /// Empties slot `i` (shard lock held); returns whether it was filled.
@@ -540,13 +541,13 @@ impl MappingCache {
         let change = shard.chunk(index).map_or(0, |chunk| {
             // The summaries never say more than the slots: the block's bit goes before the
             // slot changes, and comes back (if the new entry is on the run) after.
-            let v = VirtBlock(key.1 * CHUNK + i as u64);
-            self.summaries.clear(key.0, v);
-            let change = chunk.set(i, c);
             let first = i - i % PLACE_GROUP as usize;
-            self.summaries
-                .update(key.0, v, |j| chunk.mapped(first + j as usize));
-            change
+            self.summaries.change(
+                key.0,
+                VirtBlock(key.1 * CHUNK + i as u64),
+                || chunk.set(i, c),
+                |j| chunk.mapped(first + j as usize),
+            )
         });
         // 0 when an entry was replaced, the usual case: then no count needs a second lookup.
         if change != 0 {
@@ -581,7 +582,7 @@ impl MappingCache {
         shard.table[h.pos].store(GONE, Ordering::Release);
         w.gone += 1;
         self.summaries
-            .clear_groups(key.0, VirtBlock(key.1 * CHUNK), CHUNK / PLACE_GROUP);
+            .clear_blocks(key.0, VirtBlock(key.1 * CHUNK), CHUNK);
         if let Some(chunk) = shard.chunk(h.index) {
             chunk.release();
         }
@@ -638,11 +639,11 @@ impl MappingCache {
         };
         let base = key.1 * CHUNK;
         let (lo, hi) = (begin.0.max(base) - base, end.0.min(base + CHUNK) - base);
-        let mut cleared = 0;
-        for i in lo..hi {
-            self.summaries.clear(key.0, VirtBlock(base + i));
-            cleared += usize::from(chunk.clear(i as usize));
-        }
+        self.summaries
+            .clear_blocks(key.0, VirtBlock(base + lo), hi - lo);
+        let cleared = (lo as usize..hi as usize)
+            .filter(|&i| chunk.clear(i))
+            .count();
         h.filled -= cleared as u32;
         let empty = h.filled == 0;
         w.filled -= cleared;

@@ -33,10 +33,11 @@
 //!
 //! The rule: a bit set in a word means the mapping cache holds that block as mapped to
 //! `base + i` at that moment. The cache keeps it so, under the shard lock of the slot's
-//! chunk: a slot about to change loses its bit first ([`Summaries::clear`]), and once it has
-//! changed its group is summarized again from its 16 slots ([`Summaries::update`]); a chunk
-//! given up clears its four groups' words ([`Summaries::clear_groups`]). A group's 16 blocks
-//! lie in one chunk, so one lock covers each word, and a word changes by one atomic store.
+//! chunk: a slot about to change loses its bit first, and once it has changed its group is
+//! summarized again from its 16 slots ([`Summaries::change`]); slots about to be emptied,
+//! and every slot of a chunk given up, lose their bits ([`Summaries::clear_blocks`]). A
+//! group's 16 blocks lie in one chunk, so one lock covers each word, and a word changes by
+//! one atomic store.
 //!
 //! A read takes no lock: it finds the place of its (device, region), then loads the word
 //! between two loads of the place's generation, which [`Summaries::release_device`] makes odd
@@ -180,7 +181,7 @@ impl Summaries {
             }
         }
         let p = free?;
-        // A place's words are all zero while it is free (see `release_device`).
+        // A place's words are all zero while it is free (`release_device` empties them).
         self.pages[p].get_or_init(|| {
             Box::new(Page {
                 words: [const { AtomicU64::new(0) }; PAGE_GROUPS as usize],
@@ -190,34 +191,48 @@ impl Summaries {
         Some(p)
     }
 
-    /// Summarizes `v`'s group of `dev` again after the cache changed `v`'s slot:
-    /// `mapped(j)` is what the cache now holds as mapped for the group's block `j`. The
-    /// run's start is that of `v`'s block (the newest), else the word's, else that of the
-    /// group's first mapped block: the first of these on which some block is still mapped.
-    /// Every block mapped on that run gets its bit. The caller holds the lock of the shard
-    /// of `v`'s chunk.
-    pub(super) fn update(
+    /// Runs `change_slot` (the cache changing `v`'s slot) with `v`'s bit taken away first,
+    /// then summarizes `v`'s group again: `mapped(j)` is what the cache then holds as mapped
+    /// for the group's block `j`. The run's start is that of `v`'s block (the newest), else
+    /// the word's, else that of the group's first mapped block: the first of these on which
+    /// some block is mapped. Every block mapped on that run gets its bit. The caller holds
+    /// the lock of the shard of `v`'s chunk.
+    pub(super) fn change<R>(
         &self,
         dev: DevId,
         v: VirtBlock,
+        change_slot: impl FnOnce() -> R,
         mapped: impl Fn(u64) -> Option<DataBlock>,
-    ) {
+    ) -> R {
         let Some((key, group, i)) = Self::key(dev, v) else {
-            return;
+            return change_slot();
         };
+        let found = self.find(key);
+        let word_of = |p: usize| {
+            self.pages[p]
+                .get()
+                .map(|page| &page.words[(group % PAGE_GROUPS) as usize])
+        };
+        if let Some(word) = found.and_then(word_of) {
+            let bit = 1u64 << (BASE_BITS + i as u32);
+            let w = word.load(Ordering::Relaxed);
+            if w & bit != 0 {
+                word.store(w & !bit, Ordering::Release);
+            }
+        }
+        let out = change_slot();
         let base_of = |j: u64| mapped(j).and_then(|b| b.0.checked_sub(j));
-        let p = match self.find(key) {
+        let p = match found {
             Some(p) => p,
             None if base_of(i).is_some() => match self.take(key) {
                 Some(p) => p,
-                None => return,
+                None => return out,
             },
-            None => return,
+            None => return out,
         };
-        let Some(page) = self.pages[p].get() else {
-            return;
+        let Some(word) = word_of(p) else {
+            return out;
         };
-        let word = &page.words[(group % PAGE_GROUPS) as usize];
         let w = word.load(Ordering::Relaxed);
         let bits = |base: u64| {
             (0..PLACE_GROUP)
@@ -235,42 +250,31 @@ impl Summaries {
         if new != w {
             word.store(new, Ordering::Release);
         }
+        out
     }
 
-    /// Takes the bit of `v` of `dev` away (its slot is being emptied). The caller holds the
-    /// lock of the shard of `v`'s chunk.
-    pub(super) fn clear(&self, dev: DevId, v: VirtBlock) {
-        let Some((key, group, i)) = Self::key(dev, v) else {
+    /// Takes away the bits of the `n` blocks from `first` of `dev`, which lie in one chunk
+    /// (their slots are about to be emptied). The caller holds that chunk's shard lock.
+    pub(super) fn clear_blocks(&self, dev: DevId, first: VirtBlock, n: u64) {
+        let Some((key, _, _)) = Self::key(dev, first) else {
             return;
         };
         let Some(page) = self.page(key) else {
             return;
         };
-        let word = &page.words[(group % PAGE_GROUPS) as usize];
-        let bit = 1u64 << (BASE_BITS + i as u32);
-        let w = word.load(Ordering::Relaxed);
-        if w & bit != 0 {
-            word.store(w & !bit, Ordering::Release);
-        }
-    }
-
-    /// Forgets the groups of the chunk of `per_chunk` groups that starts at `first` (the
-    /// caller holds its shard's lock and is giving the chunk up).
-    pub(super) fn clear_groups(&self, dev: DevId, first: VirtBlock, per_chunk: u64) {
-        let Some((key, group, _)) = Self::key(dev, first) else {
-            return;
-        };
-        let Some(page) = self.page(key) else {
-            return;
-        };
-        // A chunk's groups lie in one page: pages hold a whole number of chunks.
-        for g in group..group + per_chunk {
-            page.words[(g % PAGE_GROUPS) as usize].store(0, Ordering::Release);
+        // A chunk's blocks lie in one page: pages hold a whole number of chunks.
+        for v in first.0..first.0 + n {
+            let word = &page.words[(v / PLACE_GROUP % PAGE_GROUPS) as usize];
+            let bit = 1u64 << (BASE_BITS + (v % PLACE_GROUP) as u32);
+            let w = word.load(Ordering::Relaxed);
+            if w & bit != 0 {
+                word.store(w & !bit, Ordering::Release);
+            }
         }
     }
 
     /// Gives back the places of `dev` (deleted; its id may be reused). The caller holds every
-    /// shard's lock, and has given up every chunk of `dev` (so its words are zero).
+    /// shard's lock, and has given up every chunk of `dev` (so no bit of its words is set).
     pub(super) fn release_device(&self, dev: DevId) {
         let _places = self.places.lock();
         for (p, k) in self.keys.iter().enumerate() {
@@ -313,15 +317,22 @@ mod tests {
 
     impl Slots {
         fn set(&self, dev: u32, v: u64, block: Option<u64>) {
-            let mut map = self.map.borrow_mut();
-            match block {
-                Some(b) => map.insert((dev, v), b),
-                None => map.remove(&(dev, v)),
-            };
             let first = v - v % PLACE_GROUP;
-            self.s.update(DevId(dev), VirtBlock(v), |j| {
-                map.get(&(dev, first + j)).copied().map(DataBlock)
-            });
+            self.s.change(
+                DevId(dev),
+                VirtBlock(v),
+                || match block {
+                    Some(b) => self.map.borrow_mut().insert((dev, v), b),
+                    None => self.map.borrow_mut().remove(&(dev, v)),
+                },
+                |j| {
+                    self.map
+                        .borrow()
+                        .get(&(dev, first + j))
+                        .copied()
+                        .map(DataBlock)
+                },
+            );
         }
 
         fn get(&self, dev: u32, v: u64) -> Option<u64> {
@@ -349,7 +360,7 @@ mod tests {
         set(17, Some(101));
         assert_eq!((get(17), get(18), get(19)), (Some(101), Some(102), None));
         // Emptied slots lose their bits; an unmapped one keeps the word's run.
-        t.s.clear(DevId(3), VirtBlock(17));
+        t.s.clear_blocks(DevId(3), VirtBlock(17), 1);
         assert_eq!((get(17), get(18)), (None, Some(102)));
         set(18, None);
         assert_eq!(get(18), None);
@@ -377,7 +388,7 @@ mod tests {
         let s = Summaries::new(8);
         let region = |r: u64| VirtBlock(r * PLACE_GROUP * PAGE_GROUPS);
         let put = |dev: u32, v: VirtBlock, b: u64| {
-            s.update(DevId(dev), v, |j| (j == 0).then_some(DataBlock(b)))
+            s.change(DevId(dev), v, || (), |j| (j == 0).then_some(DataBlock(b)))
         };
         for r in 0..64 {
             put(1, region(r), r * 100);
@@ -392,7 +403,7 @@ mod tests {
         }
         // The cache empties the words before it gives the places back.
         for &r in &kept {
-            s.clear_groups(DevId(1), region(r), 4);
+            s.clear_blocks(DevId(1), region(r), 64);
         }
         s.release_device(DevId(1));
         assert_eq!(s.taken(), 0);
